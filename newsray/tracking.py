@@ -1,0 +1,86 @@
+"""MLflow conventions: where runs go, one experiment per task, and what every run records."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import newsray  # noqa: F401  (sets MLFLOW_DISABLE_TELEMETRY before mlflow is imported)
+from newsray.config import Config
+
+MAX_PARAM_CHARS = 6000
+
+
+def tracking_uri(cfg: Config) -> str:
+    """$MLFLOW_TRACKING_URI, else tracking.uri, else SQLite at an absolute path in the run directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    if uri:
+        return uri
+    run_dir = Path(cfg.tracking.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{run_dir / 'mlflow.db'}"
+
+
+def artifact_root(cfg: Config) -> str | None:
+    """Artefacts beside the SQLite store (None when a server decides)."""
+    if not tracking_uri(cfg).startswith("sqlite:"):
+        return None
+    return (Path(cfg.tracking.run_dir).resolve() / "mlartifacts").as_uri()
+
+
+def experiment_name(cfg: Config) -> str:
+    return cfg.tracking.experiment or f"newsray-{cfg.data.task}"
+
+
+def registered_model_name(cfg: Config) -> str:
+    return cfg.tracking.registered_model or f"newsray-{cfg.data.task}"
+
+
+def setup(cfg: Config) -> str:
+    """Point MLflow at the store and the task's experiment (created on first use); returns its id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    name = experiment_name(cfg)
+    exp = mlflow.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment(name, artifact_location=artifact_root(cfg))
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def git_commit(path: Path | None = None) -> str:
+    """HEAD of the repository holding the code (`+dirty` if modified), or 'unknown'."""
+    where = path or Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def log_run_context(cfg: Config, data_hashes: dict[str, str] | None = None) -> None:
+    """Log the resolved config (params + YAML artefact), data file hashes and the git commit."""
+    import mlflow
+
+    params = {k: (str(v) if not isinstance(v, str) else v)[:MAX_PARAM_CHARS] for k, v in cfg.flat().items()}
+    mlflow.log_params(params)
+    mlflow.log_text(cfg.to_yaml(), "config.yaml")
+    tags: dict[str, Any] = {"newsray.task": cfg.data.task, "newsray.model": cfg.model.name, "newsray.git_commit": git_commit(), "newsray.version": newsray.__version__}
+    for role, digest in (data_hashes or {}).items():
+        tags[f"newsray.data_sha256.{role}"] = digest
+    mlflow.set_tags(tags)
+
+
+@contextmanager
+def start_run(cfg: Config, run_name: str, stage: str, data_hashes: dict[str, str] | None = None, nested: bool = False) -> Iterator[Any]:
+    """An MLflow run in the task's experiment with the full context already logged."""
+    import mlflow
+
+    setup(cfg)
+    with mlflow.start_run(run_name=run_name, nested=nested, tags={"newsray.stage": stage}) as run:
+        log_run_context(cfg, data_hashes)
+        yield run

@@ -1,0 +1,58 @@
+"""MLflow conventions against a real SQLite store."""
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from newsray import tracking
+from newsray.config import load_config
+from newsray.tasks import get_task
+
+
+@pytest.fixture
+def cfg(tmp_path, data_dir, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return load_config(None, [f"tracking.run_dir={tmp_path / 'runs'}", f"data.root={data_dir}"])
+
+
+def test_default_store_is_sqlite_at_an_absolute_path(cfg, tmp_path):
+    uri = tracking.tracking_uri(cfg)
+    assert uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert uri.startswith("sqlite:////")  # four slashes: absolute, valid from any Ray worker's cwd
+
+
+def test_env_uri_wins(cfg, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
+    assert tracking.tracking_uri(cfg) == f"sqlite:///{tmp_path}/other.db"
+    assert tracking.artifact_root(cfg) is not None
+
+
+def test_run_records_config_data_hashes_and_commit(cfg, tmp_path):
+    task = get_task(cfg)
+    hashes = task.data_hashes()
+    with tracking.start_run(cfg, run_name="t", stage="data", data_hashes=hashes) as run:
+        mlflow.log_metric("x", 1.0)
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    exp = client.get_experiment_by_name("newsray-news")
+    assert exp is not None and exp.artifact_location.startswith((tmp_path / "runs" / "mlartifacts").as_uri())
+    r = client.get_run(run.info.run_id)
+    assert r.info.experiment_id == exp.experiment_id
+    assert r.data.params["train.learning_rate"] == str(cfg.train.learning_rate)
+    assert r.data.params["lora.target_modules"].startswith("['q_proj'")
+    assert r.data.tags["newsray.stage"] == "data"
+    assert r.data.tags["newsray.data_sha256.train"] == hashes["train"] and len(hashes["train"]) == 64
+    commit = r.data.tags["newsray.git_commit"]
+    assert commit == "unknown" or len(commit.split("+")[0]) == 40
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "config.yaml" in artifacts
+    text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.yaml")
+    assert "learning_rate: " in text and "task: news" in text
+
+
+def test_one_experiment_per_task(cfg, tmp_path):
+    from newsray.config import load_config as lc
+
+    ag = lc(None, [f"tracking.run_dir={tmp_path / 'runs'}", "data.task=agnews"])
+    assert tracking.setup(cfg) != tracking.setup(ag)
+    assert tracking.experiment_name(ag) == "newsray-agnews" and tracking.registered_model_name(ag) == "newsray-agnews"
+    assert tracking.setup(cfg) == tracking.setup(cfg)  # reused, not duplicated

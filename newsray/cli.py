@@ -128,6 +128,23 @@ def model_prepare(name: Optional[str] = typer.Argument(None, help="Registry name
     out.print(f"[green]ready[/green] {escape(resolved.name)} ({resolved.kind}): {escape(resolved.source)}", highlight=False)
 
 
+@app.command("score")
+def score(predictions: Path = typer.Argument(..., help="Predictions JSON: a list of records (relevance_score, summary, key_insights, company_names, is_valid_json)."),
+          references: Path = typer.Argument(..., help="References JSON, paired with the predictions by position."),
+          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """Score news predictions against references with the published metric suite (docs/METRICS.md)."""
+    from newsray.evaluate.scoring import score_files
+
+    aggregates = score_files(predictions, references)
+    if as_json:
+        out.print_json(json.dumps(aggregates))
+        return
+    table = Table("metric", "value", title=f"{predictions.name} vs {references.name}")
+    for k, v in aggregates.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    out.print(table)
+
+
 def main() -> None:
     """Console entry point: user errors become one red line and exit code 2, without a traceback."""
     try:

@@ -80,3 +80,17 @@ def test_model_prepare_reports_the_cached_model(embedded_model):
     assert "ready smollm2-135m-instruct (embedded)" in " ".join(r.stdout.split())
     r = run("model", "prepare", "no-such-model")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_score_prints_the_published_aggregates(data_dir, tmp_path):
+    pe = data_dir / "news" / "published_eval"
+    r = run("score", str(pe / "unsloth_predictions_standardized.json"), str(pe / "test_references_standardized.json"), "--json")
+    assert r.returncode == 0, r.stderr
+    published = json.loads(next(pe.glob("three_model_quality_metrics_aggregated_*.json")).read_text())["unsloth"]
+    got = json.loads(r.stdout)
+    for key in ("field_f1_overall", "relevance_mae", "json_validation_rate", "rougeL"):
+        assert got[key] == pytest.approx(published[key], rel=1e-9)
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps(json.loads((pe / "unsloth_predictions_standardized.json").read_text())[:10]))
+    r = run("score", str(short), str(pe / "test_references_standardized.json"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "10" in r.stderr and "96" in r.stderr

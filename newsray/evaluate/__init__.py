@@ -1,0 +1,1 @@
+"""Evaluation: metrics, statistical inference and file scoring (docs/METRICS.md)."""

@@ -6,5 +6,8 @@ import os as _os
 # (set before mlflow is imported by any stage).
 _os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 _os.environ.setdefault("DO_NOT_TRACK", "true")
+# Ray's auth mode is chosen explicitly, before Ray is imported anywhere (ray.auth_mode in the
+# config; the environment wins). A `ray start` head and the Jobs SDK must use the same mode.
+_os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 __version__ = "0.1.0"

@@ -150,6 +150,7 @@ class RayConfig(_Section):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the in-process Ray (None = all).")
     object_store_memory_mb: int = Field(512, gt=0, description="Object store size of the in-process Ray.")
     include_dashboard: bool = Field(False, description="Start the dashboard with the in-process Ray.")
+    auth_mode: Literal["token", "disabled"] = Field("token", description="Ray's auth mode, set explicitly ($RAY_AUTH_MODE wins): token = bearer token from ~/.ray/auth_token.")
 
 
 class Config(_Section):

@@ -28,7 +28,7 @@ def ensure_chat_template(tokenizer: Any, override: str | None = None) -> Any:
     if override:
         path = Path(override)
         if not path.is_file():
-            raise ModelError(f"model.chat_template: {path} does not exist.")
+            raise ModelError(f"model.chat_template: the chat template file {path} does not exist.")
         tokenizer.chat_template = path.read_text()
     elif not getattr(tokenizer, "chat_template", None):
         if "<|eot_id|>" in tokenizer.get_vocab():

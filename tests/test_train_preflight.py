@@ -1,0 +1,112 @@
+"""Bad training input is refused on the driver, before Ray or any worker starts; sharding is deterministic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from newsray.config import load_config
+from newsray.errors import ConfigError, DataError
+
+
+def cfg_for(tmp_path: Path, data_dir: Path, *overrides: str):
+    """A tiny agnews run writing only under tmp_path."""
+    return load_config(None, ["data.task=agnews", f"data.root={data_dir}", "data.train_rows=[100,104]",
+                              "model.max_seq_length=512", "train.max_steps=2", "train.per_device_batch_size=2",
+                              f"train.storage_path={tmp_path / 'ray'}", f"tracking.run_dir={tmp_path / 'runs'}", *overrides])
+
+
+def refused(cfg) -> str:
+    """Run train(); it must raise a NewsrayError before Ray is started, and return its message."""
+    import ray
+
+    from newsray.train import train
+
+    assert not ray.is_initialized()
+    with pytest.raises((ConfigError, DataError)) as info:
+        train(cfg)
+    assert not ray.is_initialized(), "Ray was started before the input was checked"
+    return str(info.value)
+
+
+def test_batch_larger_than_the_data(tmp_path, data_dir, embedded_model):
+    msg = refused(cfg_for(tmp_path, data_dir, "train.per_device_batch_size=3", "train.num_workers=2"))
+    assert "train.per_device_batch_size=3 x train.num_workers=2 = 6" in msg and "only 4 usable" in msg and "test.csv" in msg
+
+
+def test_unknown_and_unavailable_backends(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match="train.backend"):
+        cfg_for(tmp_path, data_dir, "train.backend=deepspeed-magic")
+    assert "Tinker backend is not available yet" in refused(cfg_for(tmp_path, data_dir, "train.backend=tinker"))
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.load_in_4bit=true", "model.load_in_4bit"),
+    ("train.optimizer=adamw_8bit", "adamw_torch on CPU"),
+    ("train.optimizer=paged_adamw_8bit", "bitsandbytes GPU optimizer"),
+    ("train.precision=fp16", "fp16 is for GPUs"),
+])
+def test_gpu_only_settings_are_refused_on_cpu(tmp_path, data_dir, override, words):
+    assert words in refused(cfg_for(tmp_path, data_dir, override))
+
+
+def test_deepspeed_on_cpu_is_refused(tmp_path, data_dir):
+    ds = tmp_path / "zero2.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    assert "train.deepspeed" in refused(cfg_for(tmp_path, data_dir, f"train.deepspeed={ds}"))
+    msg = refused(cfg_for(tmp_path, data_dir, f"train.deepspeed={ds}", "train.backend=unsloth"))
+    assert "backend=hf only" in msg or "needs Unsloth" in msg
+
+
+def test_unwritable_storage_path(tmp_path, data_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    msg = refused(cfg_for(tmp_path, data_dir, f"train.storage_path={blocker / 'ray'}"))
+    assert msg.startswith("train.storage_path: cannot write to") and str(blocker) in msg
+
+
+def test_existing_run_name_needs_resume(tmp_path, data_dir):
+    (tmp_path / "ray" / "my-run").mkdir(parents=True)
+    assert "already exists" in refused(cfg_for(tmp_path, data_dir, "train.run_name=my-run"))
+    assert "no run 'other'" in refused(cfg_for(tmp_path, data_dir, "train.run_name=other", "train.resume=true"))
+    assert "letters, digits" in refused(cfg_for(tmp_path, data_dir, "train.run_name=../escape"))
+
+
+def test_broken_data_line_gives_the_task_error(tmp_path, data_dir, embedded_model):
+    lines = (data_dir / "news" / "news_train_data.jsonl").read_text().splitlines()[:3]
+    lines[1] = lines[1][:-15]
+    bad = tmp_path / "train.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    cfg = load_config(None, [f"data.root={data_dir}", f"data.train_file={bad}", "train.max_steps=1",
+                             f"train.storage_path={tmp_path / 'ray'}", f"tracking.run_dir={tmp_path / 'runs'}"])
+    msg = refused(cfg)
+    assert msg.startswith(f"{bad}:2: ")
+
+
+def test_shards_are_disjoint_deterministic_and_reshuffled_per_epoch():
+    from newsray.train.data import ShardedBatches
+
+    rows = [{"input_ids": [i, i], "attention_mask": [1, 1], "labels": [-100, i]} for i in range(10)]
+    ranks = [ShardedBatches(rows, batch_size=2, rank=r, world_size=2, seed=7, pad_id=0) for r in range(2)]
+    assert ranks[0].per_epoch == 2  # 10 // (2*2); the tail of 2 is dropped so both ranks step together
+    epoch0 = [set(b.indices(0) + b.indices(1)) for b in ranks]
+    assert not epoch0[0] & epoch0[1] and len(epoch0[0] | epoch0[1]) == 8
+    again = ShardedBatches(rows, batch_size=2, rank=0, world_size=2, seed=7, pad_id=0)
+    assert [again.indices(g) for g in range(4)] == [ranks[0].indices(g) for g in range(4)]
+    assert ranks[0].indices(0) + ranks[0].indices(1) != ranks[0].indices(2) + ranks[0].indices(3)  # epoch 1 reshuffled
+    batch = ranks[0].batch(0)
+    assert batch["input_ids"].shape == (2, 2) and (batch["labels"][:, 0] == -100).all()
+
+
+def test_cli_prints_one_line_without_traceback(tmp_path, data_dir, embedded_model):
+    import subprocess
+    import sys
+
+    cli = str(Path(sys.executable).with_name("newsray"))
+    r = subprocess.run([cli, "train", "data.task=agnews", f"data.root={data_dir}", "data.train_rows=[100,104]",
+                        "train.per_device_batch_size=8", f"train.storage_path={tmp_path / 'ray'}",
+                        f"tracking.run_dir={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "error: train.per_device_batch_size=8 x train.num_workers=1 = 8 examples per step" in " ".join(r.stderr.split())

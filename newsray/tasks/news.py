@@ -40,6 +40,58 @@ class NewsAnswer(BaseModel):
     company_names: list[StrictStr]
 
 
+# Bounds of the constrained-decoding schema (eval.constrained): about twice the largest value in
+# the annotated data (summary <= 92 chars, <= 10 insights of <= 38 chars, <= 9 companies of
+# <= 46 chars), so that a constrained answer always fits a 256-token budget and terminates.
+SCHEMA_BOUNDS = {"summary_chars": 200, "max_insights": 12, "insight_chars": 80, "max_companies": 12, "company_chars": 60}
+# Whitespace allowed between JSON tokens under constraints: enough for the indent-2 layout of the
+# training answers ("\n    " before a list item), bounded so an untrained model cannot loop on it.
+SCHEMA_WHITESPACE = r"[ \n]{0,8}"
+
+
+def answer_json_schema() -> dict[str, Any]:
+    """JSON schema of NewsAnswer with the bounds above, in field order (for constrained decoding)."""
+    b = SCHEMA_BOUNDS
+    return {
+        "type": "object",
+        "properties": {
+            "relevance_score": {"type": "integer", "minimum": 1, "maximum": 10},
+            "summary": {"type": "string", "maxLength": b["summary_chars"]},
+            "key_insights": {"type": "array", "items": {"type": "string", "maxLength": b["insight_chars"]}, "maxItems": b["max_insights"]},
+            "company_names": {"type": "array", "items": {"type": "string", "maxLength": b["company_chars"]}, "maxItems": b["max_companies"]},
+        },
+        "required": ["relevance_score", "summary", "key_insights", "company_names"],
+        "additionalProperties": False,
+        "x-guidance": {"whitespace_pattern": SCHEMA_WHITESPACE, "item_separator": ",", "key_separator": ":"},
+    }
+
+
+def invalid_prediction() -> dict[str, Any]:
+    """The record of an unparseable output (docs/METRICS.md): relevance 0, empty fields, not valid."""
+    return {"relevance_score": 0, "key_insights": [], "company_names": [], "summary": "", "is_valid_json": False}
+
+
+def parse_prediction(text: str) -> dict[str, Any]:
+    """A model continuation -> prediction record (docs/EVALUATION.md, "The parse rule").
+
+    The first top-level JSON object of the text, decoded with json.JSONDecoder.raw_decode from the
+    first '{' (anything before it or after the object is ignored), is valid iff it is an object
+    that validates against NewsAnswer: relevance_score an integer 1-10 (not a bool or float),
+    summary a string, key_insights and company_names lists of strings; extra keys are ignored.
+    Anything else becomes the invalid record.
+    """
+    start = text.find("{")
+    if start < 0:
+        return invalid_prediction()
+    try:
+        obj, _ = json.JSONDecoder().raw_decode(text, start)
+        answer = NewsAnswer.model_validate(obj)
+    except (json.JSONDecodeError, ValidationError):
+        return invalid_prediction()
+    return {"relevance_score": answer.relevance_score, "key_insights": list(answer.key_insights),
+            "company_names": list(answer.company_names), "summary": answer.summary, "is_valid_json": True}
+
+
 def _field_error(err: ValidationError) -> str:
     e = err.errors()[0]
     where = ".".join(str(x) for x in e["loc"]) or "answer"

@@ -1,0 +1,244 @@
+"""`evaluate`: the task's test set through a Ray Data actor pool (generate -> parse), then score and log.
+
+Each actor loads base + adapter once (newsray.inference) and generates batches greedily; rows come
+back in any order and are put back in test-set order by their position. Ray Data retries the
+batch of an actor that dies (bounded by eval.max_actor_restarts). The files of docs/EVALUATION.md
+are written atomically into the output directory, then one MLflow run records them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import newsray
+from newsray.config import Config
+from newsray.errors import DataError
+from newsray.inference import ModelSpec, load_generator, model_slug, resolve_model_ref
+from newsray.raycluster import init_ray
+from newsray.tasks import Example, get_task
+
+log = logging.getLogger(__name__)
+
+# Test hook: "<rows>:<marker file>" makes a generation actor SIGKILL itself once, after it has
+# generated <rows> rows and before it returns that batch (the marker file records that it did).
+FAULT_ENV = "NEWSRAY_EVAL_FAULT"
+FILES = ("raw_outputs.jsonl", "predictions.json", "references.json", "per_example.json", "aggregates.json", "eval_info.json")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Where the files went, the MLflow run that holds them, and the aggregate metrics."""
+
+    out_dir: Path
+    run_id: str
+    aggregates: dict[str, Any]
+    n: int
+    wall_s: float
+
+
+def parse_output(task: str, text: str) -> dict[str, Any]:
+    """The task's parse of one continuation: a news record, or {'predicted': label | None}."""
+    if task == "news":
+        from newsray.tasks.news import parse_prediction
+
+        return parse_prediction(text)
+    from newsray.tasks.agnews import parse_label
+
+    return {"predicted": parse_label(text)}
+
+
+class GeneratorActor:
+    """A Ray Data actor: loads the model once, then generates and parses batches of rows."""
+
+    def __init__(self, cfg: Config, model_ref: str, spec: ModelSpec, fault: str | None = None):
+        import torch
+
+        gpu = cfg.eval.gpus_per_actor > 0 and torch.cuda.is_available()
+        self.gen = load_generator(model_ref, cfg, "cuda" if gpu else "cpu", num_threads=cfg.eval.cpus_per_actor, spec=spec)
+        self.task, self.max_new_tokens, self.constrained = cfg.data.task, cfg.eval.max_new_tokens, cfg.eval.constrained
+        self.rows_done, self.fault = 0, fault
+
+    def _maybe_crash(self) -> None:
+        """The FAULT_ENV hook: die once (SIGKILL, no cleanup), as a crashed or preempted actor would."""
+        if not self.fault:
+            return
+        rows, _, marker = self.fault.partition(":")
+        if self.rows_done >= int(rows) and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        messages = [json.loads(m) for m in batch["messages"]]
+        t0 = time.perf_counter()
+        results = self.gen.generate(messages, self.max_new_tokens, self.constrained)
+        latency = time.perf_counter() - t0
+        self.rows_done += len(messages)
+        self._maybe_crash()
+        return {
+            "row": [int(r) for r in batch["row"]],
+            "prompt": [self.gen.formatter.prompt(m) for m in messages],
+            "output": [r.text for r in results],
+            "n_new_tokens": [r.n_new_tokens for r in results],
+            "finish_reason": [r.finish_reason for r in results],
+            "latency_s": [latency] * len(results),
+            "parsed": [json.dumps(parse_output(self.task, r.text)) for r in results],
+            "actor_pid": [os.getpid()] * len(results),
+        }
+
+
+def _generate(cfg: Config, model_ref: str, spec: ModelSpec, examples: list[Example]) -> list[dict[str, Any]]:
+    """Run the actor pool over the examples; rows in test-set order, each exactly once."""
+    import ray
+
+    items = [{"row": i, "messages": json.dumps(ex.messages())} for i, ex in enumerate(examples)]
+    e = cfg.eval
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / e.batch_size)))
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for max_restarts / max_task_retries (its actor pool reads
+        # them from **ray_remote_args, which warns that it is deprecated): bounded, not infinite.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+        out = ds.map_batches(
+            GeneratorActor,
+            fn_constructor_kwargs={"cfg": cfg, "model_ref": model_ref, "spec": spec, "fault": os.environ.get(FAULT_ENV)},
+            compute=ray.data.ActorPoolStrategy(size=e.num_actors),
+            num_cpus=e.cpus_per_actor,
+            num_gpus=e.gpus_per_actor or None,
+            batch_size=e.batch_size,
+            max_restarts=e.max_actor_restarts,
+            max_task_retries=e.max_actor_restarts,
+        )
+    rows = sorted(out.take_all(), key=lambda r: int(r["row"]))
+    got = [int(r["row"]) for r in rows]
+    if got != list(range(len(examples))):
+        missing = sorted(set(range(len(examples))) - set(got))
+        dup = sorted({g for g in got if got.count(g) > 1})
+        raise RuntimeError(f"evaluation lost rows {missing[:10]} or duplicated rows {dup[:10]} of {len(examples)}")
+    return rows
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write text to path via a temporary file in the same directory and os.replace."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _dump(path: Path, obj: Any) -> None:
+    _atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def _score_news(examples: list[Example], rows: list[dict[str, Any]]) -> tuple[list, list, dict, dict]:
+    """Prediction and reference records, per-example metrics and aggregates of the news task."""
+    from newsray.evaluate.metrics import Record, aggregate_metrics, per_example_metrics
+
+    preds, refs = [], []
+    for i, (ex, row) in enumerate(zip(examples, rows)):
+        preds.append({"id": i, "example_id": i, **json.loads(row["parsed"])})
+        gold = json.loads(ex.answer)
+        refs.append({"id": i, "example_id": i, "relevance_score": gold["relevance_score"], "key_insights": gold["key_insights"],
+                     "company_names": gold["company_names"], "summary": gold["summary"], "is_valid_json": True})
+    p, r = [Record.from_dict(x) for x in preds], [Record.from_dict(x) for x in refs]
+    return preds, refs, per_example_metrics(p, r), aggregate_metrics(p, r)
+
+
+def _score_agnews(examples: list[Example], rows: list[dict[str, Any]]) -> tuple[list, list, dict, dict]:
+    """Prediction and reference records, per-example correctness and classification metrics."""
+    from newsray.evaluate.metrics import classification_metrics
+
+    preds = [{"id": i, "gold": ex.answer, "predicted": json.loads(row["parsed"])["predicted"], "output": row["output"]}
+             for i, (ex, row) in enumerate(zip(examples, rows))]
+    refs = [{"id": i, "gold": ex.answer} for i, ex in enumerate(examples)]
+    per = {"correct": [float(p["predicted"] == p["gold"]) for p in preds]}
+    return preds, refs, per, classification_metrics([p["gold"] for p in preds], [p["predicted"] for p in preds])
+
+
+def numeric_metrics(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of a (nested) aggregate dict as flat MLflow metrics: per_class.World.f1, ..."""
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= numeric_metrics(v, key + ".")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = float(v)
+    return out
+
+
+def default_out_dir(cfg: Config, model_ref: str) -> Path:
+    """<tracking.run_dir>/eval/<YYYYmmdd-HHMMSS>-<task>-<model-slug>[-constrained] (made unique)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"{stamp}-{cfg.data.task}-{model_slug(model_ref)}" + ("-constrained" if cfg.eval.constrained else "")
+    path = Path(cfg.tracking.run_dir).resolve() / "eval" / name
+    n = 1
+    while path.exists():
+        n += 1
+        path = path.with_name(f"{name}-{n}")
+    return path
+
+
+def _log_mlflow(cfg: Config, model_ref: str, out_dir: Path, aggregates: dict[str, Any], info: dict[str, Any],
+                data_hashes: dict[str, str]) -> str:
+    """One MLflow run (stage evaluate): aggregates as metrics, the files as artefacts under eval/."""
+    import mlflow
+
+    from newsray import tracking
+
+    with tracking.start_run(cfg, run_name=f"eval-{model_slug(model_ref)}", stage="evaluate", data_hashes=data_hashes) as run:
+        mlflow.set_tags({"newsray.split": info.get("split", "test"), "newsray.model_ref": model_ref, "newsray.constrained": str(cfg.eval.constrained).lower(),
+                         "newsray.base_model": info["base_model"], "newsray.eval_dir": str(out_dir)})
+        mlflow.log_metrics(numeric_metrics(aggregates))
+        info["mlflow_run_id"] = run.info.run_id
+        _dump(out_dir / "eval_info.json", info)
+        mlflow.log_artifacts(str(out_dir), artifact_path="eval")
+        return run.info.run_id
+
+
+def evaluate(cfg: Config, model_ref: str = "baseline", out_dir: Path | None = None, split: Literal["test", "val"] = "test") -> EvalResult:
+    """Generate, parse and score the task's test (or validation) split with `model_ref`; write the files; log one MLflow run."""
+    t0 = time.perf_counter()
+    task = get_task(cfg)
+    examples = getattr(task.load(), split)[: cfg.eval.limit]
+    if not examples:
+        hint = "set data.val_fraction > 0" if split == "val" else "check data.test_file / data.test_rows"
+        raise DataError(f"the {task.name} {split} split is empty; {hint}.")
+    spec = resolve_model_ref(model_ref, cfg)  # ModelError before any Ray work
+    init_ray(cfg)
+    t_gen = time.perf_counter()
+    rows = _generate(cfg, model_ref, spec, examples)
+    gen_s = time.perf_counter() - t_gen
+    score = _score_news if task.name == "news" else _score_agnews
+    preds, refs, per_example, aggregates = score(examples, rows)
+    aggregates = {**aggregates, "n": len(examples), "examples_per_s": len(examples) / gen_s}
+    out = Path(out_dir).resolve() if out_dir else default_out_dir(cfg, model_ref)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = [{"id": i, "item_id": ex.id, "prompt": row["prompt"], "output": row["output"], "n_new_tokens": int(row["n_new_tokens"]),
+            "finish_reason": row["finish_reason"], "latency_s": float(row["latency_s"]), "actor_pid": int(row["actor_pid"])}
+           for i, (ex, row) in enumerate(zip(examples, rows))]
+    _atomic_write(out / "raw_outputs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in raw))
+    _dump(out / "predictions.json", preds)
+    _dump(out / "references.json", refs)
+    _dump(out / "per_example.json", per_example)
+    _dump(out / "aggregates.json", aggregates)
+    from newsray.tracking import git_commit
+
+    info = {"task": task.name, "split": split, "model_ref": model_ref, "base_model": spec.model.name, "constrained": cfg.eval.constrained,
+            "max_new_tokens": cfg.eval.max_new_tokens, "n": len(examples), "wall_s": time.perf_counter() - t0,
+            "generation_s": gen_s, "batch_size": cfg.eval.batch_size, "num_actors": cfg.eval.num_actors,
+            "newsray_version": newsray.__version__, "git_commit": git_commit()}
+    _dump(out / "eval_info.json", info)
+    run_id = _log_mlflow(cfg, model_ref, out, aggregates, info, task.data_hashes())
+    log.info("evaluation of %s on %d %s examples: %s (MLflow run %s)", model_ref, len(examples), task.name, out, run_id)
+    return EvalResult(out, run_id, aggregates, len(examples), info["wall_s"])

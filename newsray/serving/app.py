@@ -1,0 +1,372 @@
+"""Ray Serve deployment: a FastAPI ingress and batched, multiplexed model replicas; `build_app` and `run`.
+
+The ingress (`Ingress`, no CPU reserved) checks auth and limits, validates requests and calls the
+model deployment (`ModelServer`) through a handle, choosing the adapter with
+`multiplexed_model_id`. Each model replica keeps the default model pinned, loads extra adapters
+into Serve's per-replica LRU (`serve.multiplexed`, serve.max_loaded_adapters) and collects
+requests into batches (`@serve.batch`) that `newsray.inference.Generator.generate` decodes
+together. Prompts come from the task module and `newsray.formatting`, exactly as in training.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from newsray.config import Config, DataConfig, ServeConfig, load_config
+from newsray.errors import ConfigError, ModelError, NewsrayError
+
+log = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica logs with request ids
+
+APP_NAME = "newsray"
+MODEL_DEPLOYMENT = "NewsrayModel"
+INGRESS_DEPLOYMENT = "NewsrayIngress"
+ENDPOINT = {"news": "/v1/analyze", "agnews": "/v1/classify"}
+_FINISH = {"stop": "stop", "json_end": "stop", "length": "length"}
+
+
+# ------------------------------------------------------------------ driver-side helpers
+
+
+def resolve_token(scfg: ServeConfig) -> str | None:
+    """The bearer token: $<serve.auth_token_env>, else the serve.auth_token_file; None = no auth."""
+    if not (scfg.auth_token_env or scfg.auth_token_file):
+        return None
+    token = (os.environ.get(scfg.auth_token_env) or "").strip() if scfg.auth_token_env else ""
+    if not token and scfg.auth_token_file:
+        path = Path(scfg.auth_token_file)
+        if not path.is_file():
+            raise ConfigError(f"serve.auth_token_file: {path} does not exist; create it with the token, or unset it.")
+        token = path.read_text(encoding="utf-8").strip()
+    if not token:
+        where = " or ".join(x for x in (scfg.auth_token_env and f"${scfg.auth_token_env}", scfg.auth_token_file) if x)
+        raise ConfigError(f"serve auth is configured but {where} holds no token; set it (e.g. export {scfg.auth_token_env or 'TOKEN'}=...) "
+                          "or set serve.auth_token_env and serve.auth_token_file to null.")
+    return token
+
+
+def _normalize_ref(ref: str, where: str) -> str:
+    """baseline and MLflow URIs unchanged; a local adapter directory made absolute and checked."""
+    from newsray.inference import BASELINE, MLFLOW_SCHEMES, ADAPTER_CONFIG
+
+    ref = ref.strip()
+    if ref == BASELINE or ref.startswith(MLFLOW_SCHEMES):
+        return ref
+    path = Path(ref).expanduser().resolve()
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise ModelError(f"{where}: {path} is not a PEFT adapter directory (no {ADAPTER_CONFIG}); use baseline, "
+                         "an adapter directory or an MLflow URI (runs:/..., models:/name@alias).")
+    return str(path)
+
+
+def resolve_models(cfg: Config, model_ref: str) -> tuple[str, dict[str, str]]:
+    """(default model id, {id: model_ref}) from --model and serve.adapters; ids are what requests name."""
+    from newsray.inference import model_slug
+
+    default_id = cfg.serve.model_name or model_slug(model_ref)
+    refs = {default_id: _normalize_ref(model_ref, "--model")}
+    for model_id, ref in cfg.serve.adapters.items():
+        if model_id in refs:
+            raise ConfigError(f"serve.adapters: id {model_id!r} is already the default model's id; choose another id.")
+        refs[model_id] = _normalize_ref(ref, f"serve.adapters.{model_id}")
+    return default_id, refs
+
+
+# ------------------------------------------------------------------ model replicas
+
+
+@dataclass
+class Loaded:
+    """A loaded model, the task it answers and that task's prompt builder."""
+
+    generator: Any
+    task: str
+    prompt: Callable[..., str]
+
+
+@dataclass(frozen=True)
+class _Item:
+    model_id: str
+    messages: list[dict[str, str]]
+    max_new_tokens: int
+    constrained: bool
+
+
+def _err(status: int, kind: str, message: str, raw_text: str | None = None) -> dict[str, Any]:
+    return {"error": {"status": status, "type": kind, "message": message, "raw_text": raw_text}}
+
+
+def _adapter_task(adapter_dir: Path | None, default: str) -> str:
+    """The task an adapter was trained for (its newsray_config.yaml), else the serving config's."""
+    path = adapter_dir / "newsray_config.yaml" if adapter_dir else None
+    try:
+        task = (yaml.safe_load(path.read_text()) or {}).get("data", {}).get("task") if path and path.is_file() else None
+    except (OSError, yaml.YAMLError, AttributeError):
+        task = None
+    return task if task in ENDPOINT else default
+
+
+class ModelServer:
+    """A model replica: the default model pinned, extra adapters in an LRU, batched greedy decoding."""
+
+    def __init__(self, cfg_data: dict[str, Any], refs: dict[str, str], default_id: str):
+        self.cfg = Config.model_validate(cfg_data)
+        self.refs, self.default_id = refs, default_id
+        self.device = "cuda" if self.cfg.serve.gpus_per_replica > 0 else "cpu"
+        self.lock = asyncio.Lock()
+        self.default = self._load(default_id)
+
+        async def load_adapter(model_id: str) -> Loaded:
+            return await asyncio.to_thread(self._load, model_id)
+
+        self._load_adapter = load_adapter  # Serve keeps its LRU on this function object
+        self._adapter = serve.multiplexed(max_num_models_per_replica=self.cfg.serve.max_loaded_adapters)(load_adapter)
+        self.reconfigure({})
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Batch size / wait time from serve.* or a Serve config's user_config (live, no restart)."""
+        self._generate.set_max_batch_size(int(user_config.get("max_batch_size", self.cfg.serve.max_batch_size)))
+        self._generate.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", self.cfg.serve.batch_wait_timeout_s)))
+
+    def _load(self, model_id: str) -> Loaded:
+        from newsray.inference import load_generator, resolve_model_ref
+        from newsray.tasks import get_task
+
+        ref = self.refs[model_id]
+        spec = resolve_model_ref(ref, self.cfg)
+        task = _adapter_task(spec.adapter_dir, self.cfg.data.task)
+        cfg = self.cfg.model_copy(update={"data": DataConfig(task=task)})
+        gen = load_generator(ref, cfg, device=self.device, num_threads=self.cfg.serve.cpus_per_replica, spec=spec)
+        log.info("model %s (%s, task %s) loaded", model_id, ref, task)
+        return Loaded(gen, task, get_task(cfg).make_user_prompt)
+
+    async def _model(self, model_id: str) -> Loaded:
+        return self.default if model_id == self.default_id else await self._adapter(model_id)
+
+    async def ready(self) -> dict[str, Any]:
+        """Which models this replica holds (the default is always loaded)."""
+        wrapper = getattr(self._load_adapter, "__serve_multiplex_wrapper", None)
+        loaded = list(getattr(wrapper, "models", {}) or {})
+        return {"default_model": self.default_id, "loaded_models": [self.default_id, *loaded]}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _generate(self, items: list[_Item]) -> list[Any]:
+        """One batch: grouped by (model, budget, constrained), each group one generate() call."""
+        groups: dict[tuple[str, int, bool], list[int]] = defaultdict(list)
+        for i, it in enumerate(items):
+            groups[(it.model_id, it.max_new_tokens, it.constrained)].append(i)
+        results: list[Any] = [None] * len(items)
+        for (model_id, budget, constrained), idx in groups.items():
+            loaded = await self._model(model_id)
+            async with self.lock:  # one generate() at a time: it uses all of the replica's threads
+                t0 = time.perf_counter()
+                out = await asyncio.to_thread(loaded.generator.generate, [items[i].messages for i in idx], budget, constrained)
+            log.info("generated a batch of %d for %s (constrained=%s) in %.2fs", len(idx), model_id, constrained, time.perf_counter() - t0)
+            for i, r in zip(idx, out):
+                results[i] = r
+        return results
+
+    async def respond(self, model_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        """One request -> {answer fields} or {"error": {status, type, message[, raw_text]}}."""
+        try:
+            loaded = await self._model(model_id)
+        except NewsrayError as e:
+            return _err(503, "model_unavailable", f"model {model_id!r} cannot be loaded: {e}")
+        kind, budget = request["kind"], int(request["max_new_tokens"])
+        if kind == "chat":
+            messages = request["messages"]
+            constrained = bool(request.get("json_mode")) and loaded.task == "news"
+        else:
+            want = "news" if kind == "analyze" else "agnews"
+            if loaded.task != want:
+                return _err(422, "wrong_task", f"model {model_id!r} answers the {loaded.task} task: use {ENDPOINT[loaded.task]} "
+                            f"or a model of the {want} task (GET /v1/models).")
+            messages = [{"role": "user", "content": loaded.prompt(**request["fields"])}]
+            constrained = self.cfg.serve.constrained
+        formatter = loaded.generator.formatter
+        n_prompt = len(formatter.prompt_ids(messages))
+        if n_prompt + budget > formatter.max_seq_length:
+            return _err(422, "prompt_too_long", f"the prompt has {n_prompt} tokens; with max_new_tokens={budget} it exceeds "
+                        f"the model's {formatter.max_seq_length}-token window (model.max_seq_length): shorten the input.")
+        result = await self._generate(_Item(model_id, messages, budget, constrained))
+        if kind == "chat":
+            text, reason = _apply_stops(result.text, request.get("stops") or [], _FINISH[result.finish_reason])
+            usage = {"prompt_tokens": n_prompt, "completion_tokens": result.n_new_tokens, "total_tokens": n_prompt + result.n_new_tokens}
+            return {"text": text, "finish_reason": reason, "usage": usage}
+        answer = _validate(kind, result.text)
+        if answer is None and not constrained and self.cfg.serve.retry_constrained:
+            constrained = True
+            result = await self._generate(_Item(model_id, messages, budget, True))
+            answer = _validate(kind, result.text)
+        if answer is None:
+            what = "JSON answer matching the news schema" if kind == "analyze" else "AG News label"
+            return _err(502, "invalid_model_output", f"model {model_id!r} did not produce a valid {what} within "
+                        f"{budget} new tokens (finish_reason={result.finish_reason}); raw_text holds its output.", raw_text=result.text)
+        return {**answer, "model": model_id, "finish_reason": _FINISH[result.finish_reason], "constrained": constrained}
+
+
+def _validate(kind: str, text: str) -> dict[str, Any] | None:
+    """The task's parse rule: a NewsAnswer dict, {"label": ...}, or None when invalid."""
+    if kind == "analyze":
+        from newsray.tasks.news import parse_prediction
+
+        rec = parse_prediction(text)
+        return {k: v for k, v in rec.items() if k != "is_valid_json"} if rec["is_valid_json"] else None
+    from newsray.tasks.agnews import parse_label
+
+    label = parse_label(text)
+    return {"label": label} if label else None
+
+
+def _apply_stops(text: str, stops: list[str], reason: str) -> tuple[str, str]:
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return (text[:cut], "stop") if cut >= 0 else (text, reason)
+
+
+# ------------------------------------------------------------------ ingress
+
+
+class Ingress:
+    """The HTTP entry point (FastAPI app from newsray.serving.http, built per replica)."""
+
+    def __init__(self, model: Any, serve_cfg: dict[str, Any], default_id: str, model_ids: list[str]):
+        self.model, self.scfg = model, ServeConfig.model_validate(serve_cfg)
+        self.default_id, self.model_ids = default_id, model_ids
+        self._handles: dict[str, Any] = {}
+        self.token = resolve_token(self.scfg)  # fails the replica (fail closed) if auth is configured but unset
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from newsray.serving.http import make_api
+
+        return make_api(self)
+
+    async def call(self, model_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        if model_id not in self._handles:
+            self._handles[model_id] = self.model if model_id == self.default_id else self.model.options(multiplexed_model_id=model_id)
+        handle = self._handles[model_id]
+        try:
+            return await handle.respond.remote(model_id, request)
+        except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+            log.warning("model replica unavailable: %s", type(e).__name__)
+            return _err(503, "replica_unavailable", "the model replica died or is restarting; retry shortly.")
+
+    async def ready(self) -> dict[str, Any]:
+        return await asyncio.wait_for(self.model.ready.remote(), timeout=5)
+
+
+IngressDeployment = serve.deployment(serve.ingress()(Ingress), name=INGRESS_DEPLOYMENT)
+ModelDeployment = serve.deployment(ModelServer, name=MODEL_DEPLOYMENT)
+
+
+# ------------------------------------------------------------------ building and running
+
+
+def build_app(cfg: Config, model_ref: str) -> Any:
+    """The Serve application (ingress -> model deployment) for `model_ref` plus serve.adapters."""
+    s = cfg.serve
+    default_id, refs = resolve_models(cfg, model_ref)
+    resolve_token(s)  # fail early, in the driver, if auth is configured but the token is missing
+    scaling: dict[str, Any] = {"num_replicas": s.num_replicas}
+    if s.max_replicas is not None:
+        scaling = {"num_replicas": "auto", "autoscaling_config": {
+            "min_replicas": s.num_replicas, "max_replicas": s.max_replicas, "target_ongoing_requests": s.target_ongoing_requests}}
+    model = ModelDeployment.options(
+        **scaling, ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+        max_ongoing_requests=max(32, 4 * s.max_batch_size), health_check_period_s=5, graceful_shutdown_timeout_s=30,
+    ).bind(cfg.model_dump(mode="json"), refs, default_id)
+    return IngressDeployment.options(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024).bind(
+        model, s.model_dump(mode="json"), default_id, list(refs))
+
+
+class AppArgs(BaseModel):
+    """Arguments of `app_builder` (the `args:` of a Serve config YAML)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: str | None = Field(None, description="A newsray config YAML on the cluster (None = built-in defaults).")
+    model: str = Field("baseline", description="baseline, an adapter directory or an MLflow URI (models:/name@alias).")
+    overrides: list[str] = Field(default_factory=list, description="section.key=value overrides.")
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Serve import target for `serve run` / `serve deploy`: newsray.serving.app:app_builder."""
+    a = AppArgs.model_validate(args)
+    return build_app(load_config(a.config, a.overrides), a.model)
+
+
+def _on_cluster(cfg: Config) -> bool:
+    return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
+def _startup_error(exc: Exception) -> NewsrayError:
+    """The user-facing sentence inside a failed deployment's traceback, as a ModelError."""
+    text = str(exc)
+    found = re.findall(r"newsray\.errors\.\w+Error: (.+)", text)
+    return ModelError(f"the Serve app failed to start: {found[-1] if found else text.strip().splitlines()[-1][:500]}")
+
+
+def shutdown(cfg: Config) -> None:
+    """Remove the app: on a cluster only this app, in-process all of Serve and Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    if _on_cluster(cfg):
+        serve.delete(APP_NAME)
+    else:
+        serve.shutdown()
+    ray.shutdown()
+
+
+def run(cfg: Config, model_ref: str, blocking: bool = True, on_ready: Callable[[str], None] | None = None,
+        detach: bool = False) -> str:
+    """Start the app (in-process Ray, or the cluster of ray.address) and return its URL.
+
+    blocking: call `on_ready(url)`, then serve until Ctrl-C / SIGTERM and shut down cleanly.
+    detach: on a cluster, deploy and return; the app keeps running there (`serve shutdown` ends it).
+    """
+    from newsray.raycluster import init_ray
+
+    if detach and not _on_cluster(cfg):
+        raise ConfigError("--detach needs a running cluster (ray.address or $RAY_ADDRESS): an in-process Ray ends with this command.")
+    app = build_app(cfg, model_ref)
+    init_ray(cfg)
+    s = cfg.serve
+    serve.start(http_options={"host": s.host, "port": s.port})
+    t0 = time.perf_counter()
+    try:
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError as e:
+        shutdown(cfg)
+        raise _startup_error(e) from None
+    url = f"http://{s.host}:{s.port}"
+    log.info("newsray serving %s at %s (ready in %.1fs)", model_ref, url, time.perf_counter() - t0)
+    if not blocking or detach:
+        return url
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM shuts down like Ctrl-C
+    try:
+        if on_ready:
+            on_ready(url)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        shutdown(cfg)
+    return url

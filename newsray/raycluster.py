@@ -53,6 +53,9 @@ def init_ray(cfg: Config, extra_env: dict[str, str] | None = None) -> Any:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": worker_env(extra_env)}
     if address:
+        # Inside a submitted job the job's runtime_env (working_dir, py_modules, env_vars) applies
+        # too: combine it with ours instead of refusing the overlap.
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory_mb * 1024 * 1024,

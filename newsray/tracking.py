@@ -43,7 +43,15 @@ def setup(cfg: Config) -> str:
     """Point MLflow at the store and the task's experiment (created on first use); returns its id."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    # mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI; undo that, or the next stage in
+    # this process (another config, another store) would take our export for the user's choice.
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
     name = experiment_name(cfg)
     exp = mlflow.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp else mlflow.create_experiment(name, artifact_location=artifact_root(cfg))
@@ -77,10 +85,14 @@ def log_run_context(cfg: Config, data_hashes: dict[str, str] | None = None) -> N
 
 @contextmanager
 def start_run(cfg: Config, run_name: str, stage: str, data_hashes: dict[str, str] | None = None, nested: bool = False) -> Iterator[Any]:
-    """An MLflow run in the task's experiment with the full context already logged."""
+    """An MLflow run in the task's experiment with the full context already logged.
+
+    Nested under the active run, if there is one (a pipeline's or a search's parent run).
+    """
     import mlflow
 
     setup(cfg)
+    nested = nested or mlflow.active_run() is not None
     with mlflow.start_run(run_name=run_name, nested=nested, tags={"newsray.stage": stage}) as run:
         log_run_context(cfg, data_hashes)
         yield run

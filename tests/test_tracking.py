@@ -56,3 +56,12 @@ def test_one_experiment_per_task(cfg, tmp_path):
     assert tracking.setup(cfg) != tracking.setup(ag)
     assert tracking.experiment_name(ag) == "newsray-agnews" and tracking.registered_model_name(ag) == "newsray-agnews"
     assert tracking.setup(cfg) == tracking.setup(cfg)  # reused, not duplicated
+
+
+def test_a_second_store_in_the_same_process_is_not_captured_by_the_first(cfg, tmp_path, monkeypatch):
+    other = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"run_dir": str(tmp_path / "other")})})
+    tracking.setup(cfg)
+    assert "MLFLOW_TRACKING_URI" not in __import__("os").environ
+    assert tracking.tracking_uri(other) == f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
+    tracking.setup(other)
+    assert mlflow.get_tracking_uri() == tracking.tracking_uri(other)

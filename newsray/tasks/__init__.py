@@ -21,4 +21,20 @@ def get_task(cfg: Config) -> Task:
     raise ConfigError(f"data.task: unknown task {name!r} (known: news, agnews).")
 
 
-__all__ = ["Example", "Splits", "Task", "get_task"]
+def data_report(cfg: Config, track: bool = False) -> dict:
+    """Validate the task's data and describe it; with `track`, record it as an MLflow run."""
+    task = get_task(cfg)
+    stats = task.stats(task.load())
+    if track:
+        import mlflow
+
+        from newsray import tracking
+
+        with tracking.start_run(cfg, run_name=f"data-{task.name}", stage="data", data_hashes=task.data_hashes()) as run:
+            mlflow.log_metrics({f"n_{k}": v["n"] for k, v in stats["splits"].items()} | {"n_leaks": len(stats["leakage"])})
+            mlflow.log_dict(stats, "data_stats.json")
+            stats["mlflow_run_id"] = run.info.run_id
+    return stats
+
+
+__all__ = ["Example", "Splits", "Task", "data_report", "get_task"]

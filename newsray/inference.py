@@ -158,8 +158,7 @@ def _download(model_ref: str, cfg: Config) -> Path:
 
     uri = tracking.tracking_uri(cfg)
     try:
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
+        tracking.use_store(uri)
         dst = tempfile.mkdtemp(prefix="newsray-adapter-")
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_ref, dst_path=dst, tracking_uri=uri))
     except Exception as e:  # noqa: BLE001 - MLflow raises many types for a missing run/model/alias

@@ -184,10 +184,10 @@ def _val_objective_task(cfg_json: dict[str, Any], adapter_dir: str, out_dir: str
     """val_objective in its own task, the evaluation's MLflow run nested under the trial's run."""
     import mlflow
 
-    from newsray.tracking import tracking_uri
+    from newsray.tracking import tracking_uri, use_store
 
     cfg = Config.model_validate(cfg_json)
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    use_store(tracking_uri(cfg))
     with mlflow.start_run(run_id=run_id):
         return val_objective(cfg, adapter_dir, Path(out_dir))
 

@@ -39,19 +39,30 @@ def registered_model_name(cfg: Config) -> str:
     return cfg.tracking.registered_model or f"newsray-{cfg.data.task}"
 
 
+def use_store(uri: str) -> None:
+    """Point MLflow's tracking and registry at `uri` without leaving it in the environment.
+
+    mlflow.set_tracking_uri / set_registry_uri also export $MLFLOW_TRACKING_URI /
+    $MLFLOW_REGISTRY_URI; undone here, or the next stage in this process (another config, another
+    store) and every Ray worker started later would take that export for the user's choice.
+    """
+    import mlflow
+
+    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def setup(cfg: Config) -> str:
     """Point MLflow at the store and the task's experiment (created on first use); returns its id."""
     import mlflow
 
-    uri = tracking_uri(cfg)
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    # mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI; undo that, or the next stage in
-    # this process (another config, another store) would take our export for the user's choice.
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    use_store(tracking_uri(cfg))
     name = experiment_name(cfg)
     exp = mlflow.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp else mlflow.create_experiment(name, artifact_location=artifact_root(cfg))

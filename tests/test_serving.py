@@ -86,8 +86,9 @@ def _register_champion(adapter: Path, uri: str, artifacts: Path) -> None:
     import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    from newsray.tracking import use_store
+
+    use_store(uri)  # not left in $MLFLOW_TRACKING_URI for later tests (and their Ray jobs)
     exp = mlflow.create_experiment("newsray-news", artifact_location=artifacts.as_uri())
     with mlflow.start_run(experiment_id=exp) as run:
         mlflow.log_artifacts(str(adapter), "adapter")

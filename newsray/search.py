@@ -10,14 +10,20 @@ nested MLflow run, and marks that run FINISHED; a failing one marks it FAILED an
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from newsray.config import Config
 from newsray.errors import ConfigError
 from newsray.registry import MODES
+
+log = logging.getLogger(__name__)
 
 FAIL_ENV = "NEWSRAY_TEST_FAIL_TRIAL"  # test hook: "lora_r=8" makes the trials with that value raise
 OBJECTIVES = {"news": ("val_loss", "f1"), "agnews": ("val_loss", "accuracy")}
@@ -164,6 +170,63 @@ def scheduler(cfg: Config) -> Any:
 
 # --------------------------------------------------------------------------------------
 # One trial (runs in a Tune trial actor)
+
+
+def release_orphaned_placement_groups() -> int:
+    """Remove this job's placement groups whose creator actor has died; returns how many.
+
+    When ASHA stops a trial, Tune kills the trial actor and with it the Train controller it owns.
+    The worker group's placement group outlives them (a non-detached placement group lives as long as
+    its job, the Tune driver), so its CPUs would stay reserved and the next trial's workers would wait
+    forever. Ray Train V2's own PlacementGroupCleaner reaches the controller through the state API
+    and fails here ("Found multiple active Ray instances" when several Rays share a host).
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    removed = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        by_actor = pg.creator_actor_id and pg.creator_actor_id != b"\xff" * len(pg.creator_actor_id)  # nil id: made by a driver
+        if (by_actor and pg.creator_actor_dead and not pg.is_detached and pg.creator_job_id.hex() == job
+                and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def reaping_orphaned_placement_groups(every_s: float = 5.0, drain_s: float = 30.0) -> Iterator[None]:
+    """While the block runs (Tuner.fit), release orphaned placement groups every few seconds, and for
+    `drain_s` after it (the last trials' controllers die after fit() returns; a stage that trains
+    next, as in the pipeline, needs their CPUs)."""
+    done, until = threading.Event(), [float("inf")]
+
+    def loop() -> None:
+        import ray
+
+        while time.monotonic() < until[0]:
+            done.wait(every_s if not done.is_set() else 2.0)
+            if not ray.is_initialized():
+                return
+            try:
+                if n := release_orphaned_placement_groups():
+                    log.info("released %d placement group(s) of stopped trials", n)
+            except Exception as e:  # noqa: BLE001 - never let the reaper end the search (or Ray's shutdown)
+                log.debug("placement group reaper: %s", e)
+                if done.is_set():
+                    return
+
+    thread = threading.Thread(target=loop, name="newsray-pg-reaper", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        until[0] = time.monotonic() + drain_s
+        done.set()
 
 
 def trial_dirname(trial: Any) -> str:

@@ -34,6 +34,7 @@ from newsray.search import (
     lora_alpha,
     objective_of,
     param_space,
+    reaping_orphaned_placement_groups,
     run_trial,
     scheduler,
     searcher,
@@ -129,17 +130,6 @@ def find_search(cfg: Config) -> Path:
 
 def tune(cfg: Config, resume: bool = False) -> TuneResult:
     """Search lr / LoRA rank / batch size with Ray Tune over Ray Train; register the best adapter."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")  # mlflow.set_tracking_uri exports it; restore (as train() does)
-    try:
-        return _tune(cfg, resume)
-    finally:
-        if before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before
-
-
-def _tune(cfg: Config, resume: bool) -> TuneResult:
     import mlflow
     import ray
 
@@ -215,7 +205,8 @@ def _search(base: Config, data: Any, spec: dict[str, Any], path: Path, out_dir: 
             search_alg=searcher(base, objective, mode), scheduler=scheduler(base), max_concurrent_trials=t.max_concurrent_trials,
             num_samples=1 if t.search_alg == "grid" else t.num_samples, trial_dirname_creator=trial_dirname),
             run_config=rt.RunConfig(name=name, storage_path=str(path.parent), failure_config=rt.FailureConfig(max_failures=0)))
-    tuner.fit()
+    with reaping_orphaned_placement_groups():
+        tuner.fit()
     rows = trial_rows(path, base, objective, run_id)
     _reconcile(base.tracking.uri or "", rows)
     table_path = write_table(rows, out_dir, objective)

@@ -134,3 +134,44 @@ def test_interrupted_search_resumes_and_registers_the_champion(tmp_path, data_di
     assert (worse.version, worse.champion_moved) == ("2", False)
     assert str(client.get_model_version_by_alias("newsray-agnews", "champion").version) == "1"
     assert json.loads((exp / "newsray_tune.json").read_text())["status"] == "finished"
+
+
+def test_placement_group_of_a_killed_controller_is_released(data_dir):
+    """What ASHA does to a trial: the actor that made a placement group dies; the group must not keep its CPUs."""
+    import ray
+
+    from newsray.raycluster import init_ray
+    from newsray.search import release_orphaned_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def reserve(self) -> str:
+            from ray.util.placement_group import placement_group
+
+            self.pg = placement_group([{"CPU": 1.5}])
+            ray.get(self.pg.ready(), timeout=60)
+            return self.pg.id.hex()
+
+    def free_cpus(expected: float) -> bool:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if abs(ray.available_resources().get("CPU", 0.0) - expected) < 1e-6:
+                return True
+            time.sleep(0.5)
+        return False
+
+    init_ray(load_config(None, ["ray.num_cpus=2", "ray.object_store_memory_mb=256"]))
+    try:
+        driver_pg = ray.util.placement_group([{"CPU": 0.25}])  # made by the driver (like Tune's trial groups): kept
+        ray.get(driver_pg.ready(), timeout=60)
+        ctl = Controller.remote()
+        ray.get(ctl.reserve.remote(), timeout=120)
+        assert free_cpus(0.25)
+        ray.kill(ctl)
+        time.sleep(3)
+        assert free_cpus(0.25), "the killed actor's placement group was released without help: the reaper is moot"
+        assert release_orphaned_placement_groups() == 1
+        assert free_cpus(1.75)
+        assert release_orphaned_placement_groups() == 0
+    finally:
+        ray.shutdown()

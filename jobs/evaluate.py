@@ -6,7 +6,6 @@ Thin: the same newsray.evaluate.pipeline.evaluate() as `newsray evaluate`; print
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -14,16 +13,9 @@ _REPO = Path(__file__).resolve().parents[1]
 if (_REPO / "newsray").is_dir() and str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))  # the job's working dir is the repo: make the package importable
 
-from newsray.evaluate.pipeline import evaluate
-from newsray.submit import run_job
+from newsray.evaluate.pipeline import evaluate  # noqa: E402
+from newsray.submit import run_job  # noqa: E402
+
 
 if __name__ == "__main__":
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model", "-m", default="baseline", help="baseline, an adapter directory or an MLflow URI.")
-    known, rest = pre.parse_known_args()
-
-    def evaluate_job(cfg):
-        """Evaluate a model on the task's test set (Ray Data), logged to MLflow."""
-        return evaluate(cfg, known.model)
-
-    run_job(evaluate_job, rest)
+    run_job(evaluate, takes_model=True)

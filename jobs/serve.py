@@ -7,7 +7,6 @@ cluster the job runs on and returns; the app outlives the job (`serve shutdown` 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -15,16 +14,15 @@ _REPO = Path(__file__).resolve().parents[1]
 if (_REPO / "newsray").is_dir() and str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))  # the job's working dir is the repo: make the package importable
 
-from newsray.serving import run
-from newsray.submit import run_job
+from newsray.serving import run  # noqa: E402
+from newsray.submit import run_job  # noqa: E402
+
+
+
+def serve_job(cfg, model):
+    """Deploy the news-analysis Serve app on this cluster and return its URL."""
+    return {"url": run(cfg, model, blocking=False, detach=True), "model": model}
+
 
 if __name__ == "__main__":
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model", "-m", default="baseline", help="baseline, an adapter directory or an MLflow URI.")
-    known, rest = pre.parse_known_args()
-
-    def serve_job(cfg):
-        """Deploy the news-analysis Serve app on this cluster and return its URL."""
-        return {"url": run(cfg, known.model, blocking=False, detach=True), "model": known.model}
-
-    run_job(serve_job, rest)
+    run_job(serve_job, takes_model=True)

@@ -132,20 +132,6 @@ def _stage(console: Any, times: dict[str, float], name: str, detail: str) -> Ite
 
 def pipeline(cfg: Config) -> PipelineResult:
     """Run the whole flow on the config's budget; print progress per stage; return where everything is."""
-    import os
-
-    before = os.environ.get("MLFLOW_TRACKING_URI")  # mlflow.set_tracking_uri exports it; restore (as train() does)
-    try:
-        return _pipeline(cfg)
-    finally:
-        if before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before
-
-
-def _pipeline(cfg: Config) -> PipelineResult:
-    """pipeline() without the environment bookkeeping."""
     import mlflow
     from rich.console import Console
 

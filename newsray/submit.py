@@ -143,16 +143,19 @@ def parse_result(logs: str) -> dict[str, Any] | None:
     return None
 
 
-def run_job(stage_fn: Callable[[Config], Any], argv: list[str] | None = None) -> None:
-    """The body of every jobs/<stage>.py: parse --config and overrides, run the stage, print its result."""
+def run_job(stage_fn: Callable[..., Any], argv: list[str] | None = None, takes_model: bool = False) -> None:
+    """The body of every jobs/<stage>.py: parse --config (and --model) and overrides, run the stage, print its result."""
     import argparse
 
     parser = argparse.ArgumentParser(description=stage_fn.__doc__)
     parser.add_argument("--config", type=Path, default=None, help="A recipe YAML (configs/...).")
+    if takes_model:
+        parser.add_argument("--model", "-m", default="baseline", help="baseline, an adapter directory or an MLflow URI.")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides.")
     args = parser.parse_args(argv)
     try:
-        result = stage_fn(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        result = stage_fn(cfg, args.model) if takes_model else stage_fn(cfg)
     except NewsrayError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

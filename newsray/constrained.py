@@ -4,7 +4,7 @@ News: the NewsAnswer JSON schema with bounded strings and lists (newsray.tasks.n
 AG News: exactly one of the four label names, then end-of-turn. llguidance (the Rust grammar
 engine behind guidance, also used by vLLM, SGLang and llama.cpp) computes, per row and step, the
 bitmask of tokens that keep the output inside the grammar; this module applies it to the logits
-of a batched, left-padded `model.generate`.
+of newsray.inference's batched greedy decode loop.
 
 Termination within max_new_tokens is guaranteed by a budget reserve: once the tokens left for a row
 fall to `reserve` (the length of the shortest complete answer + 8), the row is steered to close
@@ -19,8 +19,6 @@ import json
 from typing import Any
 
 import numpy as np
-from transformers import LogitsProcessor
-
 from newsray.inference import JsonScanner
 
 
@@ -67,38 +65,34 @@ class TaskConstraint:
         self.closer = np.array([bool(t) and set(t) <= {"]", "}"} for t in texts])
         self.nonspace = np.array([bool(t.strip()) for t in texts])
 
-    def processor(self, batch_size: int, prompt_width: int, max_new_tokens: int, pad_id: int | None = None) -> GrammarLogitsProcessor:
-        """A fresh processor (one matcher per row) for one generate() call."""
-        return GrammarLogitsProcessor(self, batch_size, prompt_width, max_new_tokens, pad_id)
+    def mask(self, batch_size: int, max_new_tokens: int) -> GrammarMask:
+        """A fresh grammar state (one matcher per row) for one batch of generations."""
+        return GrammarMask(self, batch_size, max_new_tokens)
 
 
-class GrammarLogitsProcessor(LogitsProcessor):
-    """Masks each row's logits to the tokens its grammar allows; rows that finished are left alone."""
+class GrammarMask:
+    """Per-row grammar state of one batch: masks logits to the allowed tokens, consumes the chosen ones.
 
-    def __init__(self, c: TaskConstraint, batch_size: int, prompt_width: int, max_new_tokens: int, pad_id: int | None = None):
+    Rows are the batch's original row indices, so the decode loop can drop finished rows and
+    pass only the active ones.
+    """
+
+    def __init__(self, c: TaskConstraint, batch_size: int, max_new_tokens: int):
         from llguidance import LLMatcher
 
-        self.c, self.width, self.max_new = c, prompt_width, max_new_tokens
-        self.ended = c.stop_ids | ({pad_id} if pad_id is not None else set())  # what a finished row is fed
+        self.c, self.max_new = c, max_new_tokens
         self.matchers = [LLMatcher(c.ll_tokenizer, c.grammar, log_level=0) for _ in range(batch_size)]
         self.scanners = [JsonScanner() for _ in range(batch_size)]
-        self.done = [False] * batch_size
         n = c.ll_tokenizer.vocab_size
         self.words = (n + 31) // 32
         self.n_vocab = n
 
-    def _consume(self, last: list[int]) -> None:
-        """Feed every active row the token it generated last step."""
-        for r, tok in enumerate(last):
-            if self.done[r]:
-                continue
-            m = self.matchers[r]
-            if m.is_stopped() or (m.is_accepting() and tok in self.ended):
-                self.done[r] = True  # ended (its stop token, or a pad after the JSON stop)
-                continue
-            if not m.consume_token(tok):
-                raise RuntimeError(f"constrained decoding: row {r} left its grammar ({m.get_error()[:300]})")
-            self.scanners[r].feed(self.c.texts[tok] if tok < len(self.c.texts) else "")
+    def consume(self, r: int, tok: int) -> None:
+        """Feed row r the token it generated (RuntimeError if the grammar does not allow it)."""
+        m = self.matchers[r]
+        if not m.consume_token(tok):
+            raise RuntimeError(f"constrained decoding: row {r} left its grammar ({m.get_error()[:300]})")
+        self.scanners[r].feed(self.c.texts[tok] if tok < len(self.c.texts) else "")
 
     def _steer_to_close(self, r: int, allowed: np.ndarray) -> None:
         """Narrow row r's allowed tokens to those that close the answer fastest (budget reserve)."""
@@ -111,24 +105,18 @@ class GrammarLogitsProcessor(LogitsProcessor):
                 allowed[:] = narrowed
                 return
 
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
+    def apply(self, rows: list[int], step: int, scores: Any) -> Any:
+        """`scores` (one line per entry of `rows`, for new token number `step`) with disallowed tokens at -inf."""
         import torch
 
-        step = input_ids.shape[1] - self.width
-        if step > 0:
-            self._consume(input_ids[:, -1].tolist())
-        active = [(m, r) for r, m in enumerate(self.matchers) if not self.done[r]]
-        bitmask = np.full((len(self.matchers), self.words), -1, dtype=np.int32)
-        if active:
-            self.c.executor.unsafe_compute_mask_ptr(active, bitmask.ctypes.data, self.words * 4, len(self.matchers))
+        bitmask = np.full((len(rows), self.words), -1, dtype=np.int32)
+        self.c.executor.unsafe_compute_mask_ptr([(self.matchers[r], i) for i, r in enumerate(rows)],
+                                                bitmask.ctypes.data, self.words * 4, len(rows))
         allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, : self.n_vocab].astype(bool)
         if self.max_new - step <= self.c.reserve:
-            for _, r in active:
-                self._steer_to_close(r, allowed[r])
+            for i, r in enumerate(rows):
+                self._steer_to_close(r, allowed[i])
         full = np.zeros(scores.shape, dtype=bool)
         width = min(self.n_vocab, scores.shape[1])
         full[:, :width] = allowed[:, :width]
-        for r, finished in enumerate(self.done):
-            if finished:
-                full[r, :] = True
         return scores.masked_fill(~torch.from_numpy(full).to(scores.device), float("-inf"))

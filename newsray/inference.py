@@ -6,6 +6,10 @@ with `newsray.formatting.Formatter` (byte-identical to training), left-pads the 
 greedily, stops a row on the end-of-turn/EOS ids or (news task) as soon as its first top-level
 JSON object closes, and decodes only the new tokens. `constrained=True` adds the task's grammar
 (newsray.constrained: the NewsAnswer JSON schema, or the four AG News labels).
+
+The decode loop is ours, not `model.generate`: a row that has finished leaves the batch (its
+KV-cache rows are dropped), so a batch costs the steps of its rows, not max_new_tokens x batch
+size. Greedy text is the same as one row at a time (tests/test_inference.py, bench/eval_throughput.py).
 """
 
 from __future__ import annotations
@@ -18,8 +22,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-
-from transformers import StoppingCriteria
 
 from newsray.config import Config, ModelConfig
 from newsray.errors import ModelError
@@ -80,36 +82,6 @@ class JsonScanner:
                     self.closed = True
                     return True
         return False
-
-
-class JsonStopCriteria(StoppingCriteria):
-    """Per-row stop as soon as the row's first top-level JSON object closes (or a stop id appears).
-
-    Returns a (batch,) bool tensor, as transformers 5 expects; `closed_at[r]` is the index of the
-    new token that closed row r's object (None if it did not).
-    """
-
-    def __init__(self, token_texts: list[str], stop_ids: list[int], batch_size: int, prompt_width: int):
-        self.texts, self.stop_ids, self.width = token_texts, set(stop_ids), prompt_width
-        self.scanners = [JsonScanner() for _ in range(batch_size)]
-        self.done = [False] * batch_size
-        self.closed_at: list[int | None] = [None] * batch_size
-        self.seen = prompt_width
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
-
-        new = input_ids[:, self.seen:].tolist()
-        for r, toks in enumerate(new):
-            for k, tok in enumerate(toks):
-                if self.done[r]:
-                    break
-                if tok in self.stop_ids:
-                    self.done[r] = True
-                elif self.scanners[r].feed(self.texts[tok] if tok < len(self.texts) else ""):
-                    self.done[r], self.closed_at[r] = True, self.seen - self.width + k
-        self.seen = input_ids.shape[1]
-        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
 
 # --------------------------------------------------------------------------------------
@@ -255,9 +227,6 @@ class Generator:
     def generate(self, messages_batch: list[list[dict[str, str]]], max_new_tokens: int,
                  constrained: bool = False) -> list[GenerationResult]:
         """Greedy continuations of a batch of chat prompts (left-padded), new tokens only."""
-        import torch
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-
         if not messages_batch:
             return []
         prompts = [self.formatter.prompt_ids(m) for m in messages_batch]
@@ -265,33 +234,63 @@ class Generator:
         if width + max_new_tokens > self.formatter.max_seq_length:
             log.warning("prompt (%d tokens) + max_new_tokens (%d) exceed model.max_seq_length (%d)",
                         width, max_new_tokens, self.formatter.max_seq_length)
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        criteria, processors = StoppingCriteriaList(), LogitsProcessorList()
-        json_stop = None
-        if self.task == "news":
-            json_stop = JsonStopCriteria(self.token_texts, self.stop_ids, len(prompts), width)
-            criteria.append(json_stop)
-        if constrained:
-            processors.append(self.constraint().processor(len(prompts), width, max_new_tokens, self.pad_id))
-        gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                   eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
+        grammar = self.constraint().mask(len(prompts), max_new_tokens) if constrained else None
+        rows = self._decode(prompts, max_new_tokens, grammar)
+        return [GenerationResult(self.tokenizer.decode(toks if reason != "stop" else toks[:-1], skip_special_tokens=True,
+                                                       clean_up_tokenization_spaces=False), len(toks), reason)
+                for toks, reason in rows]
+
+    def _decode(self, prompts: list[list[int]], max_new_tokens: int, grammar: Any = None) -> list[tuple[list[int], FinishReason]]:
+        """Batched greedy decoding with a KV cache; finished rows leave the batch. -> (new tokens, reason) per row.
+
+        A row ends on a stop id (kept as its last token, reason "stop"), when its first top-level
+        JSON object closes (news task, "json_end") or at max_new_tokens ("length"). Positions come
+        from the attention mask, so left padding does not shift a row's positions.
+        """
+        import torch
+        from transformers import DynamicCache
+
+        dev, width = self.device, max(map(len, prompts))
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=dev)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        scanners = [JsonScanner() for _ in prompts] if self.task == "news" else None
+        texts, stop_ids = self.token_texts, set(self.stop_ids)
+        new: list[list[int]] = [[] for _ in prompts]
+        reasons: list[FinishReason] = ["length"] * len(prompts)
+        active = list(range(len(prompts)))  # original row index of each batch row
+        cache = DynamicCache(config=self.model.config)
         with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg,
-                                      stopping_criteria=criteria, logits_processor=processors)
-        results = []
-        for r, toks in enumerate(out[:, width:].tolist()):
-            closed = json_stop.closed_at[r] if json_stop is not None else None
-            stop_at = next((k for k, t in enumerate(toks) if t in self.stop_ids), None)
-            if closed is not None and (stop_at is None or closed < stop_at):
-                kept, n, reason = toks[: closed + 1], closed + 1, "json_end"
-            elif stop_at is not None:
-                kept, n, reason = toks[:stop_at], stop_at + 1, "stop"
-            else:
-                kept, n, reason = toks, len(toks), "length"
-            text = self.tokenizer.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            results.append(GenerationResult(text, n, reason))
-        return results
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                use_cache=True, logits_to_keep=1).logits[:, -1, :]
+            next_pos = positions[:, -1] + 1
+            for step in range(max_new_tokens):
+                if grammar is not None:
+                    logits = grammar.apply(active, step, logits)
+                chosen = logits.argmax(-1)
+                keep = []
+                for i, (r, tok) in enumerate(zip(active, chosen.tolist())):
+                    new[r].append(tok)
+                    if tok in stop_ids:
+                        reasons[r] = "stop"
+                    elif scanners is not None and scanners[r].feed(texts[tok] if tok < len(texts) else ""):
+                        reasons[r] = "json_end"
+                    elif step + 1 < max_new_tokens:
+                        keep.append(i)
+                        if grammar is not None:
+                            grammar.consume(r, tok)
+                if not keep:
+                    break
+                if len(keep) < len(active):  # drop finished rows from the batch and the cache
+                    idx = torch.tensor(keep, device=dev)
+                    cache.batch_select_indices(idx)
+                    mask, next_pos, chosen = mask[idx], next_pos[idx], chosen[idx]
+                    active = [active[i] for i in keep]
+                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+                logits = self.model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                                    past_key_values=cache, use_cache=True).logits[:, -1, :]
+                next_pos = next_pos + 1
+        return [(toks, reason) for toks, reason in zip(new, reasons)]
 
 
 def _load_tokenizer(spec: ModelSpec) -> Any:

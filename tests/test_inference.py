@@ -13,7 +13,6 @@ from newsray.errors import ModelError
 from newsray.inference import (
     Generator,
     JsonScanner,
-    JsonStopCriteria,
     load_generator,
     model_slug,
     resolve_model_ref,
@@ -75,15 +74,13 @@ def test_json_scanner_strings_and_escapes():
 
 
 def _stop_positions(tokenizer, text: str) -> tuple[list[int], int | None]:
-    """Feed the real token stream of `text` step by step through JsonStopCriteria."""
+    """Feed the real token stream of `text`, token by token as the decode loop does, through JsonScanner."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    prompt = [0, 0, 0]
-    crit = JsonStopCriteria(texts, [tokenizer.eos_token_id], batch_size=1, prompt_width=len(prompt))
-    for k in range(1, len(ids) + 1):
-        done = crit(torch.tensor([prompt + ids[:k]]), None)
-        if done[0]:
-            return ids, k - 1
+    scanner = JsonScanner()
+    for k, tok in enumerate(ids):
+        if scanner.feed(texts[tok]):
+            return ids, k
     return ids, None
 
 
@@ -154,6 +151,20 @@ def test_batched_equals_unbatched(news_gen, data_dir):
     assert [r.text for r in batched] == [r.text for r in single]
     assert [r.n_new_tokens for r in batched] == [r.n_new_tokens for r in single]
     assert all(r.text.strip() for r in batched)
+
+
+@pytest.mark.slow
+def test_rows_leave_the_batch_without_changing_the_others(news_gen, data_dir):
+    """Rows that finish early (constrained: at different steps) leave the batch and the KV cache;
+    every row's text is still what it is alone."""
+    from newsray.constrained import news_grammar
+
+    msgs = [e.messages() for e in _examples("news", data_dir, 4)]
+    budget = news_grammar()[1] + 24
+    batched = news_gen.generate(msgs, budget, constrained=True)
+    single = [news_gen.generate([m], budget, constrained=True)[0] for m in msgs]
+    assert len({r.n_new_tokens for r in batched}) > 1  # rows really left at different steps
+    assert [(r.text, r.n_new_tokens, r.finish_reason) for r in batched] == [(r.text, r.n_new_tokens, r.finish_reason) for r in single]
 
 
 def test_constrained_news_is_always_valid(news_gen, data_dir):
@@ -245,8 +256,8 @@ def test_adapter_dir_and_runs_uri(news_gen, embedded_model, data_dir, tmp_path):
 
 
 def test_grammar_processor_on_a_llama3_token_stream(llama3_tokenizer):
-    """Token by token on a real Llama-3 stream: every answer token allowed, then only end-of-turn,
-    a pad that is not EOS ends the row cleanly, and the budget reserve forces a closing quote."""
+    """Token by token on a real Llama-3 stream: every answer token allowed, then only end-of-turn
+    (never the pad), a token outside the grammar refused, and the budget reserve forces a closing quote."""
     from newsray.constrained import TaskConstraint
     from newsray.formatting import Formatter
 
@@ -257,20 +268,24 @@ def test_grammar_processor_on_a_llama3_token_stream(llama3_tokenizer):
     texts = tok.batch_decode([[i] for i in range(len(tok))], skip_special_tokens=False, clean_up_tokenization_spaces=False)
     c = TaskConstraint(tok, "news", stop, texts)
     scores = torch.zeros(1, len(tok))
+
+    def allowed(g, step):
+        return (g.apply([0], step, scores.clone())[0] > float("-inf")).nonzero().flatten().tolist()
+
     answer = tok(json.dumps(GOOD, indent=2), add_special_tokens=False)["input_ids"]
-    proc, seq = c.processor(1, 2, 400, pad_id=pad), [0, 0]
-    for t in answer:
-        assert proc(torch.tensor([seq]), scores.clone())[0, t] > float("-inf"), tok.decode(seq[2:] + [t])
-        seq.append(t)
-    allowed = (proc(torch.tensor([seq]), scores.clone())[0] > float("-inf")).nonzero().flatten().tolist()
-    assert allowed and set(allowed) <= set(stop)  # the object is closed: only end-of-turn may follow
-    seq.append(pad)  # the JSON stop ended the row; generate feeds it pads
-    assert (proc(torch.tensor([seq]), scores.clone())[0] > float("-inf")).all() and proc.done == [True]
+    g = c.mask(1, 400)
+    for step, t in enumerate(answer):
+        assert t in allowed(g, step), tok.decode(answer[: step + 1])
+        g.consume(0, t)
+    rest = allowed(g, len(answer))
+    assert rest and set(rest) <= set(stop)  # the object is closed: only end-of-turn may follow
+    assert pad not in rest
+    with pytest.raises(RuntimeError, match="left its grammar"):
+        g.consume(0, tok(" more", add_special_tokens=False)["input_ids"][0])
 
     prefix = tok('{"relevance_score": 5, "summary": "A long', add_special_tokens=False)["input_ids"]
-    proc, seq = c.processor(1, 2, len(prefix) + c.reserve, pad_id=pad), [0, 0]
-    for t in prefix:
-        proc(torch.tensor([seq]), scores.clone())
-        seq.append(t)
-    allowed = (proc(torch.tensor([seq]), scores.clone())[0] > float("-inf")).nonzero().flatten().tolist()
-    assert allowed and all(texts[i] == '"' for i in allowed)  # out of budget: close the string now
+    g = c.mask(1, len(prefix) + c.reserve)
+    for step, t in enumerate(prefix):
+        g.consume(0, t)
+    closing = allowed(g, len(prefix))
+    assert closing and all(texts[i] == '"' for i in closing)  # out of budget: close the string now

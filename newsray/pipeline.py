@@ -149,6 +149,10 @@ def pipeline(cfg: Config) -> PipelineResult:
         console.width = max(console.width, 150)  # logs and CI: whole stage lines
     tcfg, ecfg = stage_configs(cfg)
     objective, _ = objective_of(cfg)
+    if cfg.pipeline.serve:
+        from newsray.serving import check_port
+
+        check_port(cfg)  # before the search, not after it
     with tracking.start_run(cfg, run_name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", stage="pipeline",
                             data_hashes=get_task(cfg).data_hashes()) as run:
         t = tcfg.tune

@@ -113,3 +113,26 @@ def test_serve_yaml_is_deployable(name):
     load_config(args.config, args.overrides)  # the overrides are valid newsray config
     assert {d.name for d in app.deployments} == {"NewsrayModel", "NewsrayIngress"}
     assert schema.http_options.host == "127.0.0.1"
+
+
+def test_a_taken_port_is_refused_before_any_work(tmp_path, monkeypatch):
+    """serve.port held by another listener: one sentence from check_port, and from `newsray pipeline`
+    before its search starts (no MLflow run, nothing under the run dir)."""
+    import socket
+
+    from newsray.pipeline import pipeline
+    from newsray.serving import check_port
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        cfg = load_config(None, [f"serve.port={port}", f"tracking.run_dir={tmp_path / 'runs'}", "data.val_fraction=0.1"])
+        with pytest.raises(ConfigError, match=rf"serve.port {port} on 127.0.0.1 is not free .*pass serve.port="):
+            check_port(cfg)
+        with pytest.raises(ConfigError, match=rf"serve.port {port}"):
+            pipeline(cfg)
+        assert not (tmp_path / "runs").exists()
+        check_port(load_config(None, [f"serve.port={port}", "pipeline.serve=false", "ray.address=ray://x:10001"]))  # a cluster's port: not ours
+    check_port(cfg)  # free again

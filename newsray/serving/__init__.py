@@ -7,14 +7,30 @@ RAY_AUTH_MODE once, when it is imported (newsray.raycluster.init_ray explains wh
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
 from newsray.config import Config
+from newsray.errors import ConfigError
 
 
 def _ray_env(cfg: Config) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", cfg.ray.auth_mode)  # the same rule as init_ray, but before `import ray`
+
+
+def check_port(cfg: Config) -> None:
+    """ConfigError if serve.host:serve.port cannot be bound here (an in-process Serve would hang on it)."""
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return  # the cluster's Serve proxy owns the port, not this machine
+    host, port = cfg.serve.host, cfg.serve.port
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is not "taken"
+            sock.bind((host, port))
+    except OSError as e:
+        raise ConfigError(f"serve.port {port} on {host} is not free ({e.strerror}); pass serve.port=<a free port> "
+                          "(or pipeline.serve=false to skip serving in `newsray pipeline`).") from None
 
 
 def build_app(cfg: Config, model_ref: str) -> Any:
@@ -28,10 +44,11 @@ def build_app(cfg: Config, model_ref: str) -> Any:
 def run(cfg: Config, model_ref: str, blocking: bool = True, on_ready: Callable[[str], None] | None = None,
         detach: bool = False) -> str:
     """Start the app (in-process Ray, or the cluster of ray.address) and return its URL (see app.run)."""
+    check_port(cfg)
     _ray_env(cfg)
     from newsray.serving.app import run as start
 
     return start(cfg, model_ref, blocking=blocking, on_ready=on_ready, detach=detach)
 
 
-__all__ = ["build_app", "run"]
+__all__ = ["build_app", "check_port", "run"]

@@ -14,9 +14,11 @@ size. Greedy text is the same as one row at a time (tests/test_inference.py, ben
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -123,7 +125,7 @@ def _find_adapter(root: Path) -> Path | None:
 
 
 def _download(model_ref: str, cfg: Config) -> Path:
-    """Download an MLflow artefact URI into a fresh temporary directory (ModelError if it fails)."""
+    """Download an MLflow artefact URI into a fresh temporary directory, removed when this process exits (ModelError if it fails)."""
     import mlflow
 
     from newsray import tracking
@@ -132,6 +134,7 @@ def _download(model_ref: str, cfg: Config) -> Path:
     try:
         tracking.use_store(uri)
         dst = tempfile.mkdtemp(prefix="newsray-adapter-")
+        atexit.register(shutil.rmtree, dst, ignore_errors=True)  # the weights are in memory by then; no copy left behind
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_ref, dst_path=dst, tracking_uri=uri))
     except Exception as e:  # noqa: BLE001 - MLflow raises many types for a missing run/model/alias
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -254,6 +254,16 @@ def test_adapter_dir_and_runs_uri(news_gen, embedded_model, data_dir, tmp_path):
     assert spec.model.name == embedded_model.source and spec.base_from_adapter
     assert (spec.adapter_dir / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
 
+    # The downloaded copy is removed when the process that downloaded it exits.
+    import subprocess
+    import sys
+
+    code = ("import sys; from newsray.config import Config, TrackingConfig; from newsray.inference import resolve_model_ref; "
+            f"print(resolve_model_ref('runs:/{run.info.run_id}/adapter', Config(tracking=TrackingConfig(run_dir=sys.argv[1]))).adapter_dir)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "runs")], capture_output=True, text=True, check=True)
+    downloaded = Path(out.stdout.strip().splitlines()[-1])
+    assert downloaded.name == "adapter" and not downloaded.exists()
+
 
 def test_grammar_processor_on_a_llama3_token_stream(llama3_tokenizer):
     """Token by token on a real Llama-3 stream: every answer token allowed, then only end-of-turn

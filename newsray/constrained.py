@@ -19,6 +19,7 @@ import json
 from typing import Any
 
 import numpy as np
+
 from newsray.inference import JsonScanner
 
 

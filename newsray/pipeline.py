@@ -73,15 +73,9 @@ def stage_configs(cfg: Config) -> tuple[Config, Config]:
 
 def final_config(cfg: Config, best: dict[str, Any]) -> Config:
     """The training config of the final run: the best trial's values at the full (or pipeline) budget."""
-    from newsray.search import lora_alpha
+    from newsray.search import with_params
 
-    fcfg = cfg.model_copy(deep=True)
-    fcfg.train.learning_rate = float(best["learning_rate"])
-    fcfg.lora.r = int(best["lora_r"])
-    fcfg.lora.alpha = lora_alpha(cfg, fcfg.lora.r)
-    fcfg.train.per_device_batch_size = int(best["batch_size"])
-    if "warmup_steps" in best:
-        fcfg.train.warmup_steps = int(best["warmup_steps"])
+    fcfg = with_params(cfg, best)
     if cfg.pipeline.train_max_steps:
         fcfg.train.max_steps = cfg.pipeline.train_max_steps
     fcfg.train.run_name, fcfg.train.resume = None, False

@@ -112,16 +112,22 @@ def lora_alpha(cfg: Config, r: int) -> int:
     return {"equal": r, "double": 2 * r, "fixed": cfg.lora.alpha}[cfg.tune.alpha_rule]
 
 
-def trial_config(base: Config, params: dict[str, Any], train_storage: str, run_name: str) -> Config:
-    """The Config of one trial: the sampled values, the trial budget and its own Ray Train run."""
+def with_params(base: Config, params: dict[str, Any]) -> Config:
+    """A copy of `base` with a trial's values (lr, rank, alpha by tune.alpha_rule, batch, warm-up) applied."""
     cfg = base.model_copy(deep=True)
-    t = base.tune
     cfg.train.learning_rate = float(params["learning_rate"])
     cfg.lora.r = int(params["lora_r"])
     cfg.lora.alpha = lora_alpha(base, cfg.lora.r)
     cfg.train.per_device_batch_size = int(params["batch_size"])
     if "warmup_steps" in params:
         cfg.train.warmup_steps = int(params["warmup_steps"])
+    return cfg
+
+
+def trial_config(base: Config, params: dict[str, Any], train_storage: str, run_name: str) -> Config:
+    """The Config of one trial: the sampled values, the trial budget and its own Ray Train run."""
+    cfg = with_params(base, params)
+    t = base.tune
     cfg.train.max_steps = t.max_steps_per_trial
     cfg.train.checkpoint_every_steps = t.asha_grace_period  # val_loss at every multiple: ASHA's rungs
     cfg.train.keep_checkpoints = 1

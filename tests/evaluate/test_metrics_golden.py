@@ -113,7 +113,7 @@ def test_per_example_match_published(published: dict, ours: dict, model: str) ->
             assert a == approx(b), f"{model}.{key}[{i}]"
 
 
-def _compare_tree(mine: Any, pub: Any, path: str) -> None:
+def compare_tree(mine: Any, pub: Any, path: str) -> None:
     """Compare two JSON trees leaf by leaf (CIs approximately)."""
     if isinstance(pub, dict):
         assert set(mine) == set(pub), path
@@ -123,7 +123,7 @@ def _compare_tree(mine: Any, pub: Any, path: str) -> None:
                 assert abs(mine[k] - pub[k]) <= CI_TOLERANCE * width, f"{path}.{k}"
             return
         for k in pub:
-            _compare_tree(mine[k], pub[k], f"{path}.{k}")
+            compare_tree(mine[k], pub[k], f"{path}.{k}")
     elif isinstance(pub, (bool, str)):
         assert mine == pub and type(mine) is type(pub), path
     else:
@@ -132,7 +132,7 @@ def _compare_tree(mine: Any, pub: Any, path: str) -> None:
 
 def test_statistical_inference_matches_published(published: dict, ours: dict) -> None:
     assert list(ours["stats"]) == list(published["stats"])
-    _compare_tree(ours["stats"], published["stats"], "stats")
+    compare_tree(ours["stats"], published["stats"], "stats")
 
 
 def test_inference_is_json_serialisable(ours: dict) -> None:

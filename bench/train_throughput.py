@@ -7,15 +7,16 @@ arm runs in its own subprocess (so its peak RSS is its own), one after the other
                batch, TRL's default gradient checkpointing, fp32 on CPU, completion-only loss
                (prompt-completion rows), AdamW (torch).
   fp32         newsray's worker loop in this process (newsray.train.driver.train_in_process, no Ray),
-               fp32, no gradient checkpointing.
+               fp32, no gradient checkpointing, the config's length-grouped batches
+               (train.group_by_length) and completion-only logits (newsray.train.loss).
   bf16         the same with bf16 autocast (AMX): newsray's best CPU settings.
   bf16-ray     the same settings through Ray Train (newsray.train.train: in-process Ray, one
                TorchTrainer worker, MLflow logging, checkpoint at the end).
 
 Reported per arm: trained (non-pad) tokens/s over the optimizer steps (sum of tokens / sum of step
 times), the wall time of the whole call (model load included), peak RSS of the process (for
-bf16-ray: the driver; the Ray worker's is reported by the worker), and the mean loss over the last
-10 steps. Ratios: bf16 / trl tokens/s (target >= 2x), bf16-ray vs bf16 wall (Ray's overhead,
+bf16-ray: the driver process only; the Ray worker runs in its own process, whose RSS is not
+measured here), and the mean loss over the last 10 steps. Ratios: bf16 / trl tokens/s (target >= 2x), bf16-ray vs bf16 wall (Ray's overhead,
 target <= 10% at 100 steps), and each arm's final loss against trl's (speed must not cost quality).
 
     python bench/train_throughput.py --steps 30 --overhead-steps 100 --json runs/bench/train_throughput.json
@@ -132,7 +133,8 @@ def _newsray_tokens(cfg: Any, hist: list[dict[str, Any]]) -> tuple[float, float]
     from newsray.train.data import ShardedBatches, tokenize_examples
 
     data = tokenize_examples(cfg, get_task(cfg), load_tokenizer(cfg.model))
-    batches = ShardedBatches(data.train, cfg.train.per_device_batch_size, 0, 1, cfg.train.seed, data.pad_id)
+    batches = ShardedBatches(data.train, cfg.train.per_device_batch_size, 0, 1, cfg.train.seed, data.pad_id,
+                             group_by_length=cfg.train.group_by_length)
     total_tokens, total_s, accum = 0.0, 0.0, cfg.train.grad_accum_steps
     for h in hist:
         k = int(h["step"]) - 1

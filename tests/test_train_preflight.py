@@ -100,6 +100,62 @@ def test_shards_are_disjoint_deterministic_and_reshuffled_per_epoch():
     assert batch["input_ids"].shape == (2, 2) and (batch["labels"][:, 0] == -100).all()
 
 
+def test_length_grouped_batches_pad_little_and_keep_ranks_in_step():
+    import random
+
+    from newsray.train.data import ShardedBatches
+
+    rnd = random.Random(0)
+    rows = [{"input_ids": [1] * n, "attention_mask": [1] * n, "labels": [-100] * (n - 1) + [1]}
+            for n in (rnd.randint(5, 400) for _ in range(403))]
+
+    def padding(b: ShardedBatches, g: int) -> int:
+        lengths = [len(rows[i]["input_ids"]) for i in b.indices(g)]
+        return max(lengths) * len(lengths) - sum(lengths)
+
+    plain = [ShardedBatches(rows, 4, r, 2, seed=7, pad_id=0) for r in range(2)]
+    grouped = [ShardedBatches(rows, 4, r, 2, seed=7, pad_id=0, group_by_length=True) for r in range(2)]
+    per_epoch = grouped[0].per_epoch
+    assert per_epoch == plain[0].per_epoch == 50
+    for epoch in range(2):
+        gs = range(epoch * per_epoch, (epoch + 1) * per_epoch)
+        seen = [i for b in grouped for g in gs for i in b.indices(g)]
+        assert len(seen) == len(set(seen)) == 400  # each example once per epoch, across both ranks
+        assert set(seen) == {i for b in plain for g in gs for i in b.indices(g)}  # the same examples as ungrouped
+        # both ranks' micro-batch g come from one sorted global batch: their lengths interleave
+        for g in gs:
+            lo = [len(rows[i]["input_ids"]) for i in grouped[0].indices(g)]
+            hi = [len(rows[i]["input_ids"]) for i in grouped[1].indices(g)]
+            assert max(lo + hi) - min(lo + hi) < 60
+        pad_grouped = sum(padding(b, g) for b in grouped for g in gs)
+        assert pad_grouped * 10 < sum(padding(b, g) for b in plain for g in gs)
+    lengths = [max(len(rows[i]["input_ids"]) for i in grouped[0].indices(g)) for g in range(per_epoch)]
+    assert lengths != sorted(lengths, reverse=True) and lengths != sorted(lengths)  # batches in random order
+    again = ShardedBatches(rows, 4, 0, 2, seed=7, pad_id=0, group_by_length=True)
+    assert [again.indices(g) for g in range(60)] == [grouped[0].indices(g) for g in range(60)]  # resumable
+
+
+def test_completion_loss_equals_the_full_logits_loss(embedded_model):
+    import torch
+
+    from newsray.models import load_model
+    from newsray.train.loss import completion_loss
+
+    model = load_model(load_config(None, []).model)
+    torch.manual_seed(0)
+    ids = torch.randint(10, 1000, (3, 24))
+    mask = torch.ones_like(ids)
+    mask[1, 17:], mask[2, 9:] = 0, 0  # right padding
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :6] = -100  # a prompt
+    labels[0, 10:12] = -100  # and a gap inside a completion
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    with torch.no_grad():
+        full, sliced = model(**batch).loss, completion_loss(model, batch)
+        assert completion_loss(model, batch, sliced_logits=False) == full
+    assert torch.allclose(full, sliced, atol=1e-5), (float(full), float(sliced))
+
+
 def test_cli_prints_one_line_without_traceback(tmp_path, data_dir, embedded_model):
     import subprocess
     import sys

@@ -88,9 +88,12 @@ def total_steps(cfg: Config, n_train: int) -> int:
 class ShardedBatches:
     """Deterministic per-rank micro-batches: micro-batch g of rank r, for any g (epochs repeat)."""
 
-    def __init__(self, rows: list[Row], batch_size: int, rank: int, world_size: int, seed: int, pad_id: int):
+    MEGABATCH = 50  # group_by_length sorts within windows of this many global batches (as transformers' LengthGroupedSampler)
+
+    def __init__(self, rows: list[Row], batch_size: int, rank: int, world_size: int, seed: int, pad_id: int,
+                 group_by_length: bool = False):
         self.rows, self.bs, self.rank, self.world = rows, batch_size, rank, world_size
-        self.seed, self.pad_id = seed, pad_id
+        self.seed, self.pad_id, self.group_by_length = seed, pad_id, group_by_length
         self.per_epoch = micro_batches_per_epoch(len(rows), batch_size, world_size)
         self._epoch, self._shard = -1, []
 
@@ -101,8 +104,28 @@ class ShardedBatches:
             g = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(len(self.rows), generator=g).tolist()
             usable = self.per_epoch * self.bs * self.world
-            self._epoch, self._shard = epoch, order[:usable][self.rank::self.world]
+            order = order[:usable]
+            if self.group_by_length:
+                order = self._grouped(order, g)
+            self._epoch, self._shard = epoch, order[self.rank::self.world]
         return self._shard
+
+    def _grouped(self, order: list[int], g: Any) -> list[int]:
+        """`order` re-arranged so each global batch (bs x world consecutive items) holds similar lengths.
+
+        Within windows of MEGABATCH global batches the examples are sorted by length, cut into
+        global batches, and the batches of the whole epoch are shuffled: random batches, little
+        padding. Rank r's micro-batch i is drawn from global batch i, so ranks stay in step.
+        """
+        import torch
+
+        glob = self.bs * self.world
+        window = glob * self.MEGABATCH
+        blocks = []
+        for w in range(0, len(order), window):
+            chunk = sorted(order[w:w + window], key=lambda i: len(self.rows[i]["input_ids"]), reverse=True)
+            blocks += [chunk[b:b + glob] for b in range(0, len(chunk), glob)]
+        return [i for k in torch.randperm(len(blocks), generator=g).tolist() for i in blocks[k]]
 
     def indices(self, g: int) -> list[int]:
         """Example indices of this rank's micro-batch number `g` (0-based, across epochs)."""

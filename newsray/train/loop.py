@@ -129,10 +129,11 @@ class _MlflowLogger:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
-def _validation_loss(model: Any, batches: list[dict[str, Any]], device: Any, amp: Any) -> float | None:
+def _validation_loss(model: Any, batches: list[dict[str, Any]], device: Any, amp: Any, sliced_logits: bool) -> float | None:
     """Token-weighted mean loss over every rank's validation shard (None without a val split)."""
     import torch
 
+    from newsray.train.loss import completion_loss
     from newsray.train.optim import autocast
 
     total, tokens = 0.0, 0.0
@@ -143,7 +144,7 @@ def _validation_loss(model: Any, batches: list[dict[str, Any]], device: Any, amp
             b = {k: v.to(device) for k, v in b.items()}
             n = float((b["labels"][:, 1:] != -100).sum())
             with autocast(device, amp):
-                loss = model(**b).loss
+                loss = completion_loss(model, b, sliced_logits)
             total, tokens = total + float(loss) * n, tokens + n
     model.train(was_training)
     total, tokens = _all_reduce([total, tokens])
@@ -199,6 +200,7 @@ def run_worker(config: dict[str, Any], session: Any) -> dict[str, float]:
     from newsray.models import load_tokenizer
     from newsray.train import checkpoint as ck
     from newsray.train.data import ShardedBatches, eval_batches
+    from newsray.train.loss import completion_loss
     from newsray.train.optim import (
         DeepSpeedStepper,
         TorchStepper,
@@ -214,7 +216,9 @@ def run_worker(config: dict[str, Any], session: Any) -> dict[str, float]:
     model = backend.build(cfg, device)
     amp = resolve_precision(cfg.train.precision, device)
     max_steps, accum = int(config["max_steps"]), cfg.train.grad_accum_steps
-    batches = ShardedBatches(config["train_rows"], cfg.train.per_device_batch_size, rank, world, cfg.train.seed, config["pad_id"])
+    batches = ShardedBatches(config["train_rows"], cfg.train.per_device_batch_size, rank, world, cfg.train.seed, config["pad_id"],
+                             group_by_length=cfg.train.group_by_length)
+    sliced = getattr(backend, "sliced_logits", False)
     val = eval_batches(config["val_rows"], cfg.train.per_device_batch_size, rank, world, config["pad_id"])
     state = TrainerState(max_steps=max_steps, micro_batches_per_epoch=batches.per_epoch, world_size=world,
                          seed=cfg.train.seed, run_name=cfg.train.run_name or "", backend=backend.name, versions=_versions())
@@ -255,7 +259,7 @@ def run_worker(config: dict[str, Any], session: Any) -> dict[str, float]:
             b = {k: v.to(device) for k, v in batches.batch(state.micro_batches_seen).items()}
             with stepper.sync_context(micro == accum - 1):
                 with autocast(device, amp):
-                    loss = train_model(**b).loss
+                    loss = completion_loss(train_model, b, sliced)
                 stepper.backward(loss)
             loss_sum += float(loss.detach())
             tokens += int(b["attention_mask"].sum())
@@ -272,7 +276,7 @@ def run_worker(config: dict[str, Any], session: Any) -> dict[str, float]:
                    "tokens_per_s": tokens_all / max(elapsed_max, 1e-9), "step_time_s": elapsed_max}
         is_ckpt = step % cfg.train.checkpoint_every_steps == 0 or step == max_steps
         if is_ckpt and val:
-            val_loss = _validation_loss(unwrapped if not cfg.train.deepspeed else stepper.engine.module, val, device, amp)
+            val_loss = _validation_loss(unwrapped if not cfg.train.deepspeed else stepper.engine.module, val, device, amp, sliced)
             if val_loss is not None:
                 metrics["val_loss"] = val_loss
         if step % cfg.train.logging_steps == 0 or is_ckpt:

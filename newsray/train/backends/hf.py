@@ -41,6 +41,7 @@ class HFBackend:
     """transformers + PEFT: the portable backend (CPU and GPU)."""
 
     name = "hf"
+    sliced_logits = True  # the forward takes a logits_to_keep mask (newsray.train.loss)
 
     def preflight(self, cfg: Config) -> None:
         if cfg.train.deepspeed:

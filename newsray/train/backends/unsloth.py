@@ -19,6 +19,7 @@ class UnslothBackend:
     """Unsloth: imported only inside the worker, before transformers, with the worker's device pinned."""
 
     name = "unsloth"
+    sliced_logits = False  # its patched forward takes only an int logits_to_keep; it has its own fused loss
 
     def preflight(self, cfg: Config) -> None:
         if importlib.util.find_spec("unsloth") is None or importlib.util.find_spec("unsloth_zoo") is None:

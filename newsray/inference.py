@@ -20,7 +20,10 @@ import math
 import re
 import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -195,10 +198,12 @@ def resolve_model_ref(model_ref: str, cfg: Config) -> ModelSpec:
 class Generator:
     """A loaded model + tokenizer that generates answers for one task, batch by batch."""
 
-    def __init__(self, model: Any, tokenizer: Any, task: str, spec: ModelSpec, device: str = "cpu"):
+    def __init__(self, model: Any, tokenizer: Any, task: str, spec: ModelSpec, device: str = "cpu",
+                 shared: tuple[str, SharedBase] | None = None):
         from newsray.formatting import Formatter
 
         self.model, self.tokenizer, self.task, self.spec, self.device = model, tokenizer, task, spec, device
+        self.shared = shared  # (adapter name, pool): the model is a SharedBase's, switched to this adapter per call
         self.formatter = Formatter.for_tokenizer(tokenizer, spec.model.max_seq_length)
         self.stop_ids = self.formatter.stop_token_ids()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.formatter.eot_id
@@ -238,7 +243,8 @@ class Generator:
             log.warning("prompt (%d tokens) + max_new_tokens (%d) exceed model.max_seq_length (%d)",
                         width, max_new_tokens, self.formatter.max_seq_length)
         grammar = self.constraint().mask(len(prompts), max_new_tokens) if constrained else None
-        rows = self._decode(prompts, max_new_tokens, grammar)
+        with self.shared[1].activate(self.shared[0]) if self.shared else nullcontext():
+            rows = self._decode(prompts, max_new_tokens, grammar)
         return [GenerationResult(self.tokenizer.decode(toks if reason != "stop" else toks[:-1], skip_special_tokens=True,
                                                        clean_up_tokenization_spaces=False), len(toks), reason)
                 for toks, reason in rows]
@@ -293,7 +299,64 @@ class Generator:
                 logits = self.model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                                     past_key_values=cache, use_cache=True).logits[:, -1, :]
                 next_pos = next_pos + 1
-        return [(toks, reason) for toks, reason in zip(new, reasons)]
+        return list(zip(new, reasons))
+
+
+class SharedBase:
+    """One unmerged copy of a base model under several LoRA adapters (PEFT multi-adapter).
+
+    Each adapter added costs its LoRA weights, not another copy of the base (a merged adapter is a
+    full copy: 0.5 GB for SmolLM2-135M, 5 GB for Llama-3.2-1B in fp32). Generators made here take
+    turns on the one model: `activate` switches the active adapter under a lock held for the call.
+    Unmerged LoRA costs a few extra small matmuls per layer and token.
+    """
+
+    def __init__(self, device: str = "cpu"):
+        self.device, self.model, self.adapters = device, None, set()
+        self.base_name: str | None = None
+        self._lock = threading.Lock()
+
+    def add(self, name: str, spec: ModelSpec, task: str) -> Generator:
+        """Load the adapter of `spec` as `name` (the base model once, on the first call) and return its Generator."""
+        from peft import PeftModel
+
+        from newsray.models import load_model
+
+        if spec.adapter_dir is None:
+            raise ModelError(f"model {name!r} is the base model, not an adapter: it needs no shared base.")
+        with self._lock:
+            if self.base_name is not None and spec.model.name != self.base_name:
+                raise ModelError(f"adapter {name!r} is trained on {spec.model.name}, not on this pool's base {self.base_name}.")
+            if name not in self.adapters:
+                t0 = time.perf_counter()
+                try:
+                    if self.model is None:
+                        base = load_model(spec.model, self.device)
+                        self.model = PeftModel.from_pretrained(base, str(spec.adapter_dir), adapter_name=name, is_trainable=False)
+                        self.base_name = spec.model.name
+                    else:
+                        self.model.load_adapter(str(spec.adapter_dir), adapter_name=name, is_trainable=False)
+                except (OSError, ValueError, KeyError, RuntimeError) as e:
+                    raise ModelError(f"the adapter in {spec.adapter_dir} does not load onto {spec.model.name} "
+                                     f"({str(e).splitlines()[0][:200]}); check that it was trained on this base model.") from None
+                self.model.eval()
+                self.adapters.add(name)
+                log.info("adapter %s (%s) added to the shared %s in %.1fs", name, spec.ref, spec.model.name, time.perf_counter() - t0)
+        return Generator(self.model, _load_tokenizer(spec), task, spec, self.device, shared=(name, self))
+
+    def remove(self, name: str) -> None:
+        """Drop an adapter's weights (the last one stays loaded, as a PeftModel needs one; adding its name again reuses it)."""
+        with self._lock:
+            if name in self.adapters and len(self.adapters) > 1:
+                self.model.delete_adapter(name)
+                self.adapters.discard(name)
+
+    @contextmanager
+    def activate(self, name: str) -> Iterator[None]:
+        """Inside: `name` is the active adapter and no other generator uses the model."""
+        with self._lock:
+            self.model.set_adapter(name, inference_mode=True)
+            yield
 
 
 def _load_tokenizer(spec: ModelSpec) -> Any:

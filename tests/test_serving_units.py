@@ -136,3 +136,16 @@ def test_a_taken_port_is_refused_before_any_work(tmp_path, monkeypatch):
         assert not (tmp_path / "runs").exists()
         check_port(load_config(None, [f"serve.port={port}", "pipeline.serve=false", "ray.address=ray://x:10001"]))  # a cluster's port: not ours
     check_port(cfg)  # free again
+
+
+def test_an_evicted_adapter_is_unloaded_once():
+    import gc
+
+    from newsray.serving.app import Loaded
+
+    calls: list[int] = []
+    loaded = Loaded(generator=None, task="news", prompt=str, unload=lambda: calls.append(1))
+    loaded.__del__()  # what Serve's LRU does on eviction
+    del loaded
+    gc.collect()  # and Python again at collection
+    assert calls == [1]

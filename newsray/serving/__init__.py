@@ -19,9 +19,14 @@ def _ray_env(cfg: Config) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", cfg.ray.auth_mode)  # the same rule as init_ray, but before `import ray`
 
 
+def on_cluster(cfg: Config) -> bool:
+    """True when this process talks to a running cluster (ray.address or $RAY_ADDRESS), not an in-process Ray."""
+    return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
 def check_port(cfg: Config) -> None:
     """ConfigError if serve.host:serve.port cannot be bound here (an in-process Serve would hang on it)."""
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+    if on_cluster(cfg):
         return  # the cluster's Serve proxy owns the port, not this machine
     host, port = cfg.serve.host, cfg.serve.port
     try:
@@ -51,4 +56,4 @@ def run(cfg: Config, model_ref: str, blocking: bool = True, on_ready: Callable[[
     return start(cfg, model_ref, blocking=blocking, on_ready=on_ready, detach=detach)
 
 
-__all__ = ["build_app", "check_port", "run"]
+__all__ = ["build_app", "check_port", "on_cluster", "run"]

@@ -28,6 +28,7 @@ from ray import serve
 
 from newsray.config import Config, DataConfig, ServeConfig, load_config
 from newsray.errors import ConfigError, ModelError, NewsrayError
+from newsray.serving import on_cluster
 
 log = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica logs with request ids
 
@@ -95,6 +96,16 @@ class Loaded:
     generator: Any
     task: str
     prompt: Callable[..., str]
+    unload: Callable[[], None] | None = None  # frees a shared-base adapter's weights
+
+    def __del__(self) -> None:
+        """Serve calls this when its LRU evicts the model (and Python again at collection: once is enough)."""
+        unload, self.unload = self.unload, None
+        if unload is not None:
+            try:
+                unload()
+            except Exception:  # noqa: BLE001 - a failed cleanup must not fail the request that evicted it
+                log.exception("unloading an adapter failed")
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,7 @@ class ModelServer:
         self.refs, self.default_id = refs, default_id
         self.device = "cuda" if self.cfg.serve.gpus_per_replica > 0 else "cpu"
         self.lock = asyncio.Lock()
+        self._pools: dict[str, Any] = {}  # base model name -> SharedBase of the multiplexed adapters
         self.default = self._load(default_id)
 
         async def load_adapter(model_id: str) -> Loaded:
@@ -142,16 +154,22 @@ class ModelServer:
         self._generate.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", self.cfg.serve.batch_wait_timeout_s)))
 
     def _load(self, model_id: str) -> Loaded:
-        from newsray.inference import load_generator, resolve_model_ref
+        from newsray.inference import SharedBase, load_generator, resolve_model_ref
         from newsray.tasks import get_task
 
         ref = self.refs[model_id]
         spec = resolve_model_ref(ref, self.cfg)
         task = _adapter_task(spec.adapter_dir, self.cfg.data.task)
         cfg = self.cfg.model_copy(update={"data": DataConfig(task=task)})
+        prompt = get_task(cfg).make_user_prompt
+        if model_id != self.default_id and spec.adapter_dir is not None and self.cfg.serve.share_base:
+            pool = self._pools.setdefault(spec.model.name, SharedBase(self.device))
+            gen = pool.add(model_id, spec, task)
+            log.info("adapter %s (%s, task %s) loaded on the shared %s", model_id, ref, task, spec.model.name)
+            return Loaded(gen, task, prompt, unload=lambda: pool.remove(model_id))
         gen = load_generator(ref, cfg, device=self.device, num_threads=self.cfg.serve.cpus_per_replica, spec=spec)
         log.info("model %s (%s, task %s) loaded", model_id, ref, task)
-        return Loaded(gen, task, get_task(cfg).make_user_prompt)
+        return Loaded(gen, task, prompt)
 
     async def _model(self, model_id: str) -> Loaded:
         return self.default if model_id == self.default_id else await self._adapter(model_id)
@@ -309,10 +327,6 @@ def app_builder(args: dict[str, Any]) -> Any:
     return build_app(load_config(a.config, a.overrides), a.model)
 
 
-def _on_cluster(cfg: Config) -> bool:
-    return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-
-
 def _startup_error(exc: Exception) -> NewsrayError:
     """The user-facing sentence inside a failed deployment's traceback, as a ModelError."""
     text = str(exc)
@@ -326,7 +340,7 @@ def shutdown(cfg: Config) -> None:
 
     if not ray.is_initialized():
         return
-    if _on_cluster(cfg):
+    if on_cluster(cfg):
         serve.delete(APP_NAME)
     else:
         serve.shutdown()
@@ -342,7 +356,7 @@ def run(cfg: Config, model_ref: str, blocking: bool = True, on_ready: Callable[[
     """
     from newsray.raycluster import init_ray
 
-    if detach and not _on_cluster(cfg):
+    if detach and not on_cluster(cfg):
         raise ConfigError("--detach needs a running cluster (ray.address or $RAY_ADDRESS): an in-process Ray ends with this command.")
     app = build_app(cfg, model_ref)
     init_ray(cfg)

@@ -327,29 +327,31 @@ class SharedBase:
         with self._lock:
             if self.base_name is not None and spec.model.name != self.base_name:
                 raise ModelError(f"adapter {name!r} is trained on {spec.model.name}, not on this pool's base {self.base_name}.")
-            if name not in self.adapters:
+            key = _peft_name(name)
+            if key not in self.adapters:
                 t0 = time.perf_counter()
                 try:
                     if self.model is None:
                         base = load_model(spec.model, self.device)
-                        self.model = PeftModel.from_pretrained(base, str(spec.adapter_dir), adapter_name=name, is_trainable=False)
+                        self.model = PeftModel.from_pretrained(base, str(spec.adapter_dir), adapter_name=key, is_trainable=False)
                         self.base_name = spec.model.name
                     else:
-                        self.model.load_adapter(str(spec.adapter_dir), adapter_name=name, is_trainable=False)
+                        self.model.load_adapter(str(spec.adapter_dir), adapter_name=key, is_trainable=False)
                 except (OSError, ValueError, KeyError, RuntimeError) as e:
                     raise ModelError(f"the adapter in {spec.adapter_dir} does not load onto {spec.model.name} "
                                      f"({str(e).splitlines()[0][:200]}); check that it was trained on this base model.") from None
                 self.model.eval()
-                self.adapters.add(name)
+                self.adapters.add(key)
                 log.info("adapter %s (%s) added to the shared %s in %.1fs", name, spec.ref, spec.model.name, time.perf_counter() - t0)
-        return Generator(self.model, _load_tokenizer(spec), task, spec, self.device, shared=(name, self))
+        return Generator(self.model, _load_tokenizer(spec), task, spec, self.device, shared=(key, self))
 
     def remove(self, name: str) -> None:
         """Drop an adapter's weights (the last one stays loaded, as a PeftModel needs one; adding its name again reuses it)."""
+        key = _peft_name(name)
         with self._lock:
-            if name in self.adapters and len(self.adapters) > 1:
-                self.model.delete_adapter(name)
-                self.adapters.discard(name)
+            if key in self.adapters and len(self.adapters) > 1:
+                self.model.delete_adapter(key)
+                self.adapters.discard(key)
 
     @contextmanager
     def activate(self, name: str) -> Iterator[None]:
@@ -357,6 +359,11 @@ class SharedBase:
         with self._lock:
             self.model.set_adapter(name, inference_mode=True)
             yield
+
+
+def _peft_name(model_id: str) -> str:
+    """A PEFT adapter name for a served model id (torch module names cannot hold dots)."""
+    return model_id.replace(".", "_")
 
 
 def _load_tokenizer(spec: ModelSpec) -> Any:

@@ -309,7 +309,7 @@ def test_adapters_share_one_base(news_gen, embedded_model, data_dir, tmp_path):
     mcfg = ModelConfig(name=embedded_model.source, max_seq_length=1024)
     cfg = _cfg("news", data_dir=data_dir)
     dirs = {}
-    for i, name in enumerate(("a", "b")):
+    for i, name in enumerate(("a", "b.v2")):
         dirs[name] = make_adapter(tmp_path / name, news_gen.model, news_gen.tokenizer, mcfg)
         if i:  # make_adapter always seeds 0: give b other weights (B negated)
             from safetensors.torch import load_file, save_file
@@ -318,7 +318,7 @@ def test_adapters_share_one_base(news_gen, embedded_model, data_dir, tmp_path):
             save_file({k: -v if "lora_B" in k else v for k, v in w.items()}, dirs[name] / "adapter_model.safetensors")
     pool = SharedBase()
     shared = {n: pool.add(n, resolve_model_ref(str(d), cfg), "news") for n, d in dirs.items()}
-    assert shared["a"].model is shared["b"].model  # one base copy under both
+    assert shared["a"].model is shared["b.v2"].model  # one base copy under both
     ex = _examples("news", data_dir, 1)[0]
     ids = torch.tensor([news_gen.formatter.prompt_ids(ex.messages())])
 
@@ -330,13 +330,13 @@ def test_adapters_share_one_base(news_gen, embedded_model, data_dir, tmp_path):
             return gen.model(input_ids=ids).logits[0, -1]
 
     merged = {n: load_generator(str(d), cfg, num_threads=2) for n, d in dirs.items()}
-    for n in ("a", "b", "a"):  # switching back and forth
+    for n in ("a", "b.v2", "a"):  # switching back and forth
         assert torch.allclose(last_logits(shared[n]), last_logits(merged[n]), atol=1e-3)
-    assert (last_logits(shared["a"]) - last_logits(shared["b"])).abs().max() > 1e-2
-    for n in ("b", "a"):
+    assert (last_logits(shared["a"]) - last_logits(shared["b.v2"])).abs().max() > 1e-2
+    for n in ("b.v2", "a"):
         assert shared[n].generate([ex.messages()], 12)[0].text == merged[n].generate([ex.messages()], 12)[0].text
     pool.remove("a")
-    assert set(pool.model.peft_config) == {"b"}
-    assert torch.allclose(last_logits(shared["b"]), last_logits(merged["b"]), atol=1e-3)
-    pool.remove("b")  # the last adapter stays: re-adding its name reuses it
-    assert pool.add("b", resolve_model_ref(str(dirs["b"]), cfg), "news").model is pool.model
+    assert set(pool.model.peft_config) == {"b_v2"}  # a dot is not allowed in a module name
+    assert torch.allclose(last_logits(shared["b.v2"]), last_logits(merged["b.v2"]), atol=1e-3)
+    pool.remove("b.v2")  # the last adapter stays: re-adding its name reuses it
+    assert pool.add("b.v2", resolve_model_ref(str(dirs["b.v2"]), cfg), "news").model is pool.model

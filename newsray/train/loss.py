@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-IGNORE_INDEX = -100
+from newsray.formatting import IGNORE_INDEX
 
 
 def completion_loss(model: Any, batch: dict[str, Any], sliced_logits: bool = True) -> Any:

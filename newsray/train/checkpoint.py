@@ -116,3 +116,9 @@ def is_adapter_dir(directory: Path) -> bool:
     """Whether `directory` satisfies the adapter directory contract."""
     d = Path(directory)
     return all((d / f).is_file() for f in (*ADAPTER_FILES, CONFIG_FILE, STATE_FILE, "tokenizer_config.json"))
+
+
+def latest_complete(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint_* directory (adapter + training state) in a local run directory."""
+    done = [d for d in Path(run_dir).glob("checkpoint_*") if is_adapter_dir(d) and (d / TRAINING_STATE_FILE).is_file()]
+    return max(done, key=lambda d: TrainerState.read(d).global_step) if done else None

@@ -140,11 +140,11 @@ def _log_adapter(adapter_dir: Path) -> None:
 
 def _latest_checkpoint(run_path: str) -> str | None:
     """The newest complete checkpoint a run left in storage (on disk, even if Ray never registered it)."""
-    from newsray.train.checkpoint import TRAINING_STATE_FILE, is_adapter_dir
+    from newsray.train.checkpoint import latest_complete
 
     if not _is_uri(run_path):
-        done = [d for d in _local(run_path).glob("checkpoint_*") if is_adapter_dir(d) and (d / TRAINING_STATE_FILE).is_file()]
-        return str(max(done, key=lambda d: TrainerState.read(d).global_step)) if done else None
+        found = latest_complete(_local(run_path))
+        return str(found) if found else None
     try:
         from ray.train import Result
 
@@ -158,15 +158,18 @@ def worker_config(cfg: Config, data: TrainData, mlflow: dict[str, str] | None = 
     """The train_loop_config every worker gets: the resolved config, token rows, steps, MLflow run.
 
     With train.resume, it also names the newest checkpoint on disk: a crash right after a report can
-    leave a checkpoint that Ray never registered; the worker resumes from whichever is newer.
+    leave a checkpoint that Ray never registered; the worker resumes from whichever is newer. For
+    the same reason a restarted worker (FailureConfig) also looks in `run_dir` on local storage.
     """
     from newsray.train.data import total_steps
     from newsray.train.loop import KILL_ENV
 
-    resume_dir = _latest_checkpoint(f"{cfg.train.storage_path.rstrip('/')}/{cfg.train.run_name}") if cfg.train.resume else None
+    run_path = f"{cfg.train.storage_path.rstrip('/')}/{cfg.train.run_name}"
+    resume_dir = _latest_checkpoint(run_path) if cfg.train.resume else None
     return {"cfg": cfg.model_dump(mode="json"), "max_steps": total_steps(cfg, len(data.train)), "pad_id": data.pad_id,
             "train_rows": data.train, "val_rows": data.val, "kill_after_step": os.environ.get(KILL_ENV), "mlflow": mlflow,
-            "resume_dir": resume_dir if resume_dir and not _is_uri(resume_dir) else None}
+            "resume_dir": resume_dir if resume_dir and not _is_uri(resume_dir) else None,
+            "run_dir": None if _is_uri(run_path) else str(_local(run_path))}
 
 
 def train_in_process(cfg: Config, out_dir: Path) -> tuple[dict[str, float], Path]:

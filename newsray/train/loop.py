@@ -225,7 +225,10 @@ def run_worker(config: dict[str, Any], session: Any) -> dict[str, float]:
     mlflow_log = _MlflowLogger(config.get("mlflow"), rank)
 
     with session.checkpoint_dir() as ray_dir:
-        resume_dir = _newest(ray_dir, config.get("resume_dir"))
+        # Ray's registered checkpoint, train.resume's, or one this run persisted before a worker died
+        # but that the controller had not yet registered (a kill right after ray.train.report).
+        on_disk = ck.latest_complete(Path(config["run_dir"])) if config.get("run_dir") else None
+        resume_dir = _newest(ray_dir, config.get("resume_dir"), on_disk)
         if resume_dir is not None:
             ck.load_adapter_weights(model, resume_dir)
             old = ck.TrainerState.read(resume_dir)

@@ -16,8 +16,9 @@ arm runs in its own subprocess (so its peak RSS is its own), one after the other
 Reported per arm: trained (non-pad) tokens/s over the optimizer steps (sum of tokens / sum of step
 times), the wall time of the whole call (model load included), peak RSS of the process (for
 bf16-ray: the driver process only; the Ray worker runs in its own process, whose RSS is not
-measured here), and the mean loss over the last 10 steps. Ratios: bf16 / trl tokens/s (target >= 2x), bf16-ray vs bf16 wall (Ray's overhead,
-target <= 10% at 100 steps), and each arm's final loss against trl's (speed must not cost quality).
+measured here), and the mean loss over the last 10 steps. Ratios: bf16 / trl tokens/s (target
+>= 2x), bf16-ray vs bf16 wall (Ray's overhead, target <= 10% at 100 steps), and each arm's final
+loss against trl's (speed must not cost quality).
 
     python bench/train_throughput.py --steps 30 --overhead-steps 100 --json runs/bench/train_throughput.json
     python bench/train_throughput.py --steps 5 --overhead-steps 5 --arms trl bf16      # a quick look

@@ -159,7 +159,7 @@ class ServeConfig(_Section):
     max_body_bytes: int = Field(65536, gt=0, description="Largest accepted request body (413 above).")
     max_content_chars: int = Field(8000, gt=0, description="Longest accepted article content (422 above).")
     max_loaded_adapters: int = Field(4, gt=0, description="LRU size of multiplexed adapters per replica.")
-    share_base: bool = Field(True, description="Multiplexed adapters share one unmerged copy of their base model (each adds only its LoRA weights); false = each a merged full copy (a little faster per token, a base model's memory each).")
+    share_base: bool = Field(True, description="Multiplexed adapters share one unmerged copy of their base model (each adds only its LoRA weights); false = each merged into a full copy (no unmerged LoRA matmuls per token; a base model's memory each).")
     constrained: bool = Field(False, description="Constrain /v1/analyze and /v1/classify decoding to the task's schema / labels from the first try (else only on retry).")
     retry_constrained: bool = Field(True, description="If an unconstrained answer fails validation, retry once constrained before answering 502.")
     model_name: str | None = Field(None, description="Id the --model is served under; None = derived (baseline, adapter dir name, name@alias, run-<id>).")

@@ -125,7 +125,7 @@ def main() -> None:
     p.add_argument("--cpus", type=float, default=1.0, help="CPUs (= torch threads) per model replica")
     p.add_argument("--overhead-reps", type=int, default=7, help="alternated HTTP / bare pairs for the overhead")
     p.add_argument("--port", type=int, default=8790)
-    p.add_argument("--set", dest="overrides", action="append", default=[], help="newsray config override, e.g. model.dtype=bfloat16 (repeatable)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="newsray config override, e.g. serve.dtype=model (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args()
 
@@ -141,7 +141,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", cfg.ray.auth_mode)  # Ray reads it when imported (see init_ray)
     from ray import serve
 
-    from newsray.serving import build_app
+    from newsray.serving import build_app, served_spec
 
     from newsray.inference import load_generator
     from newsray.raycluster import init_ray
@@ -155,7 +155,10 @@ def main() -> None:
         urls[name] = f"http://127.0.0.1:{args.port}/{name}"
     print(f"apps ready in {time.perf_counter() - t0:.0f}s: {urls}", file=sys.stderr)
     items = articles(cfg, max(4, args.requests * max(args.levels)) + 1)
-    results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}, "args": {k: str(v) for k, v in vars(args).items()},
+    dtype = served_spec(args.model, cfg).model.dtype
+    print(f"serving {args.model} in {dtype} (serve.dtype={cfg.serve.dtype})", file=sys.stderr)
+    results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}, "dtype": dtype,
+                     "args": {k: str(v) for k, v in vars(args).items()},
                      "levels": {"batched": [], "single": []}}
     try:
         for name, url in urls.items():  # warm-up: grammar compile, first-call costs
@@ -174,7 +177,7 @@ def main() -> None:
                 results["levels"][name].append(summarize(c, runs[name]))
             per_round = [b["rps"] / s["rps"] for b, s in zip(runs["batched"], runs["single"])]
             results["ratios"].append({"concurrency": c, "per_round": per_round, "median": statistics.median(per_round)})
-        gen = load_generator(args.model, cfg, num_threads=args.cpus)
+        gen = load_generator(args.model, cfg, num_threads=args.cpus, spec=served_spec(args.model, cfg))  # as a replica loads it
         gen.generate([[{"role": "user", "content": "warm up"}]], 4, constrained=True)
         results["overhead"] = overhead(urls["single"], gen, items[0], args.max_new_tokens, args.overhead_reps)
     finally:
@@ -191,6 +194,8 @@ def main() -> None:
 
 def report(results: dict) -> None:
     """Print the tables (Markdown, ready for docs/BENCHMARKS.md)."""
+    print(f"Weights in {results['dtype']}.")
+    print()
     print("| concurrency | mode | requests | req/s | p50 s | p95 s | p99 s | errors |")
     print("|---|---|---|---|---|---|---|---|")
     single = {r["concurrency"]: r for r in results["levels"]["single"]}

@@ -155,6 +155,9 @@ class ServeConfig(_Section):
     max_batch_size: int = Field(8, gt=0, description="@serve.batch max batch size.")
     batch_wait_timeout_s: float = Field(0.05, ge=0, description="@serve.batch wait for a fuller batch.")
     max_new_tokens: int = Field(256, gt=0, description="Generation budget per request.")
+    dtype: Literal["auto", "model", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype of the served models; auto = bfloat16 where the replica's device multiplies it natively "
+        "(a CUDA GPU with bf16, a CPU with AMX), else model.dtype; model = model.dtype, the numerics evaluation used.")
     auth_token_env: str | None = Field(None, description="Environment variable holding the bearer token; None = no auth.")
     max_body_bytes: int = Field(65536, gt=0, description="Largest accepted request body (413 above).")
     max_content_chars: int = Field(8000, gt=0, description="Longest accepted article content (422 above).")

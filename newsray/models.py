@@ -280,6 +280,23 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def native_bf16(device: str) -> bool:
+    """Whether `device` multiplies bfloat16 natively: a CUDA GPU with bf16, or a CPU with AMX (Intel Sapphire Rapids and later)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private since torch 2.3: absent means unknown, so no
+    return bool(amx and amx() and torch.cpu._is_avx512_bf16_supported())
+
+
+def serving_dtype(choice: str, model_dtype: str, device: str) -> str:
+    """serve.dtype -> the dtype name to load with: auto = bfloat16 where native (else model_dtype), model = model_dtype."""
+    if choice == "model" or (choice == "auto" and not native_bf16(device)):
+        return model_dtype
+    return "bfloat16" if choice == "auto" else choice
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """Prepare the model and return its tokenizer (chat template applied, model_max_length set)."""
     from transformers import AutoTokenizer

@@ -20,9 +20,11 @@ from newsray.models import (
     ResolvedModel,
     load_model,
     load_tokenizer,
+    native_bf16,
     prepare_model,
     resolve_dtype,
     resolve_model,
+    serving_dtype,
 )
 
 MARKER = "newsray-prepared.json"
@@ -137,6 +139,24 @@ def test_resolve_dtype() -> None:
         assert resolve_dtype("auto", "cuda") is expected
     with pytest.raises(ModelError):
         resolve_dtype("int8", "cpu")
+
+
+def test_native_bf16_matches_the_cpu_flags() -> None:
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("needs Linux's /proc/cpuinfo")
+    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split(":", 1)[1].split())
+    assert native_bf16("cpu") == ({"amx_bf16", "amx_tile", "avx512_bf16"} <= flags)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_serving_dtype(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("newsray.models.native_bf16", lambda device: native)
+    assert serving_dtype("auto", "float32", "cpu") == ("bfloat16" if native else "float32")
+    assert serving_dtype("auto", "auto", "cuda") == ("bfloat16" if native else "auto")
+    assert serving_dtype("model", "float32", "cpu") == "float32"
+    assert serving_dtype("float16", "float32", "cuda") == "float16"
+    assert serving_dtype("float32", "bfloat16", "cpu") == "float32"
 
 
 # --- slow: the real embedded model ----------------------------------------------------------

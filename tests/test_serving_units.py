@@ -32,6 +32,17 @@ def test_token_from_env_then_file(tmp_path, monkeypatch):
     assert resolve_token(load_config(None, []).serve) is None
 
 
+def test_served_spec_applies_serve_dtype(monkeypatch):
+    from newsray.serving import served_spec
+
+    monkeypatch.setattr("newsray.models.native_bf16", lambda device: device == "cpu")
+    assert served_spec("baseline", load_config(None, ["model.dtype=float32"])).model.dtype == "bfloat16"
+    assert served_spec("baseline", load_config(None, ["model.dtype=float32", "serve.dtype=model"])).model.dtype == "float32"
+    assert served_spec("baseline", load_config(None, ["model.dtype=auto"]), "cuda:0").model.dtype == "auto"  # no native bf16 there
+    with pytest.raises(ConfigError, match="serve.dtype"):
+        load_config(None, ["serve.dtype=int8"])
+
+
 def test_auth_configured_but_missing_fails_closed(tmp_path, monkeypatch):
     monkeypatch.delenv("NR_TEST_TOKEN", raising=False)
     with pytest.raises(ConfigError, match=r"\$NR_TEST_TOKEN holds no token"):

@@ -24,6 +24,18 @@ def on_cluster(cfg: Config) -> bool:
     return bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
 
 
+def served_spec(model_ref: str, cfg: Config, device: str = "cpu") -> Any:
+    """`model_ref` resolved (newsray.inference.ModelSpec) as a replica on `device` loads it: its base model in serve.dtype."""
+    from dataclasses import replace
+
+    from newsray.inference import resolve_model_ref
+    from newsray.models import serving_dtype
+
+    spec = resolve_model_ref(model_ref, cfg)
+    dtype = serving_dtype(cfg.serve.dtype, spec.model.dtype, device)
+    return replace(spec, model=spec.model.model_copy(update={"dtype": dtype}))
+
+
 def check_port(cfg: Config) -> None:
     """ConfigError if serve.host:serve.port cannot be bound here (an in-process Serve would hang on it)."""
     if on_cluster(cfg):

@@ -154,21 +154,22 @@ class ModelServer:
         self._generate.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", self.cfg.serve.batch_wait_timeout_s)))
 
     def _load(self, model_id: str) -> Loaded:
-        from newsray.inference import SharedBase, load_generator, resolve_model_ref
+        from newsray.inference import SharedBase, load_generator
+        from newsray.serving import served_spec
         from newsray.tasks import get_task
 
         ref = self.refs[model_id]
-        spec = resolve_model_ref(ref, self.cfg)
+        spec = served_spec(ref, self.cfg, self.device)
         task = _adapter_task(spec.adapter_dir, self.cfg.data.task)
         cfg = self.cfg.model_copy(update={"data": DataConfig(task=task)})
         prompt = get_task(cfg).make_user_prompt
         if model_id != self.default_id and spec.adapter_dir is not None and self.cfg.serve.share_base:
             pool = self._pools.setdefault(spec.model.name, SharedBase(self.device))
             gen = pool.add(model_id, spec, task)
-            log.info("adapter %s (%s, task %s) loaded on the shared %s", model_id, ref, task, spec.model.name)
+            log.info("adapter %s (%s, task %s) loaded on the shared %s (%s)", model_id, ref, task, spec.model.name, spec.model.dtype)
             return Loaded(gen, task, prompt, unload=lambda: pool.remove(model_id))
         gen = load_generator(ref, cfg, device=self.device, num_threads=self.cfg.serve.cpus_per_replica, spec=spec)
-        log.info("model %s (%s, task %s) loaded", model_id, ref, task)
+        log.info("model %s (%s, task %s) loaded in %s", model_id, ref, task, spec.model.dtype)
         return Loaded(gen, task, prompt)
 
     async def _model(self, model_id: str) -> Loaded:

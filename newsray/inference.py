@@ -146,7 +146,12 @@ def _download(model_ref: str, cfg: Config) -> Path:
 
 
 def _adapter_model_config(adapter_dir: Path, fallback: ModelConfig) -> tuple[ModelConfig, bool]:
-    """The base model named by the adapter's newsray_config.yaml (if any), else `fallback`."""
+    """The base model named by the adapter's newsray_config.yaml (if any), else `fallback`.
+
+    The adapter names the base model (name, window, chat template); how to load it here (dtype,
+    4-bit) stays `fallback`'s, so a QLoRA adapter trained on a GPU loads on a CPU and
+    `model.dtype=...` applies to adapters as to the baseline.
+    """
     import yaml
 
     path = adapter_dir / ADAPTER_NEWSRAY_CONFIG
@@ -159,6 +164,7 @@ def _adapter_model_config(adapter_dir: Path, fallback: ModelConfig) -> tuple[Mod
         raise ModelError(f"{path}: its model section cannot be read ({str(e).splitlines()[0]}); fix or remove the file.") from None
     if model is None:
         return fallback, False
+    model = model.model_copy(update={"dtype": fallback.dtype, "load_in_4bit": fallback.load_in_4bit})
     if model.chat_template and not Path(model.chat_template).is_file():
         model = model.model_copy(update={"chat_template": None})  # the adapter's tokenizer carries the template
     return model, True

@@ -13,6 +13,7 @@ from newsray.errors import ModelError
 from newsray.inference import (
     Generator,
     JsonScanner,
+    _adapter_model_config,
     load_generator,
     model_slug,
     resolve_model_ref,
@@ -222,6 +223,18 @@ def make_adapter(directory: Path, model, tokenizer, mcfg: ModelConfig) -> Path:
     tokenizer.save_pretrained(str(directory))
     (directory / "newsray_config.yaml").write_text(yaml.safe_dump({"model": mcfg.model_dump(mode="json")}))
     return directory
+
+
+def test_adapter_names_the_base_and_the_config_says_how_to_load_it(tmp_path):
+    """A QLoRA adapter trained on a GPU (4-bit, bf16) is loaded as this config says (e.g. fp32 on a CPU)."""
+    import yaml
+
+    trained = ModelConfig(name="meta-llama/Llama-3.2-1B-Instruct", max_seq_length=1024, dtype="bfloat16", load_in_4bit=True)
+    (tmp_path / "newsray_config.yaml").write_text(yaml.safe_dump({"model": trained.model_dump(mode="json")}))
+    here = ModelConfig(dtype="float32")
+    model, from_adapter = _adapter_model_config(tmp_path, here)
+    assert from_adapter and model.name == trained.name and model.max_seq_length == 1024
+    assert model.dtype == "float32" and model.load_in_4bit is False
 
 
 @pytest.mark.slow

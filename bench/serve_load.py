@@ -155,7 +155,9 @@ def main() -> None:
         urls[name] = f"http://127.0.0.1:{args.port}/{name}"
     print(f"apps ready in {time.perf_counter() - t0:.0f}s: {urls}", file=sys.stderr)
     items = articles(cfg, max(4, args.requests * max(args.levels)) + 1)
-    dtype = served_spec(args.model, cfg).model.dtype
+    from newsray.models import resolve_dtype
+
+    dtype = str(resolve_dtype(served_spec(args.model, cfg).model.dtype, "cpu")).removeprefix("torch.")
     print(f"serving {args.model} in {dtype} (serve.dtype={cfg.serve.dtype})", file=sys.stderr)
     results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}, "dtype": dtype,
                      "args": {k: str(v) for k, v in vars(args).items()},

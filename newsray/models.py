@@ -286,8 +286,8 @@ def native_bf16(device: str) -> bool:
 
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private since torch 2.3: absent means unknown, so no
-    return bool(amx and amx() and torch.cpu._is_avx512_bf16_supported())
+    checks = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return all(c is not None and c() for c in checks)  # private torch API: absent means unknown, so no
 
 
 def serving_dtype(choice: str, model_dtype: str, device: str) -> str:

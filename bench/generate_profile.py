@@ -8,6 +8,7 @@ the ceiling of what dynamic batching can gain in bench/serve_load.py, without Se
 
     python bench/generate_profile.py                              # fp32 and bf16, 16 prompts, 1 thread (about 3 min)
     python bench/generate_profile.py --dtypes bfloat16 --batch 8 --threads 2
+    python bench/generate_profile.py --dtypes float32 --op-profile 10   # + torch.profiler's operators over 10 full-batch decode steps
 """
 
 from __future__ import annotations
@@ -25,8 +26,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def profile(dtype: str, batch: int, budget: int, threads: int) -> dict:
-    """Time N single calls and one batch of N for one dtype (forward calls and grammar masks timed separately)."""
+def profile(dtype: str, batch: int, budget: int, threads: int, op_steps: int = 0) -> dict:
+    """Time N single calls and one batch of N for one dtype (forward calls and grammar masks timed separately).
+
+    op_steps > 0: torch.profiler also records decode steps 10 .. 10 + op_steps of the batch (all rows
+    still active) and its operator table is printed.
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
     import newsray.constrained as constrained
     from newsray.config import load_config
     from newsray.inference import load_generator
@@ -42,10 +50,18 @@ def profile(dtype: str, batch: int, budget: int, threads: int) -> dict:
     masks: list[float] = []
     forward, apply = gen.model.forward, constrained.GrammarMask.apply
 
+    ops = torch_profile(activities=[ProfilerActivity.CPU]) if op_steps else None
+    profiling = {"on": False}  # only in the batched call
+
     def timed_forward(*a, **k):
+        step = len(calls)  # 0 = prefill
+        if profiling["on"] and step == 10:
+            ops.start()
         t0 = time.perf_counter()
         out = forward(*a, **k)
         calls.append((k["input_ids"].shape[0], time.perf_counter() - t0))
+        if profiling["on"] and step == 9 + op_steps:
+            ops.stop()
         return out
 
     def timed_apply(self, *a, **k):
@@ -66,11 +82,16 @@ def profile(dtype: str, batch: int, budget: int, threads: int) -> dict:
         single_s, single_mask = time.perf_counter() - t0, sum(masks)
         calls.clear()
         masks.clear()
+        profiling["on"] = ops is not None
         t0 = time.perf_counter()
         batched = gen.generate(messages, budget, constrained=True)
         batch_s = time.perf_counter() - t0
     finally:
         constrained.GrammarMask.apply = apply
+        del gen.model.forward  # the class's forward again
+    if ops is not None:
+        print(f"{dtype}: operators over decode steps 10-{9 + op_steps} of the batch of {batch} (self CPU time):")
+        print(ops.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
     full = [dt for rows, dt in calls[1:] if rows == batch]
     return {"dtype": dtype, "batch": batch, "threads": threads, "max_new_tokens": budget,
             "singles_s": single_s, "batch_s": batch_s, "ratio": single_s / batch_s,
@@ -86,9 +107,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="prompts: N single calls vs one batch of N")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=1, help="torch threads (a serving replica's cpus_per_replica)")
+    p.add_argument("--op-profile", type=int, default=0, metavar="STEPS", help="also print torch.profiler's operator table for this many full-batch decode steps")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args()
-    results = [profile(d, args.batch, args.max_new_tokens, args.threads) for d in args.dtypes]
+    results = [profile(d, args.batch, args.max_new_tokens, args.threads, args.op_profile) for d in args.dtypes]
     print(f"| dtype | {args.batch} singles s | batch of {args.batch} s | ratio | prefill 1 row s | prefill batch s (padded tokens) "
           "| decode step 1 row ms | decode step full batch ms | grammar masks in batch s | same text |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -157,7 +157,8 @@ def main() -> None:
     items = articles(cfg, max(4, args.requests * max(args.levels)) + 1)
     from newsray.models import resolve_dtype
 
-    dtype = str(resolve_dtype(served_spec(args.model, cfg).model.dtype, "cpu")).removeprefix("torch.")
+    spec = served_spec(args.model, cfg)  # as a replica loads it (resolved once: an MLflow URI downloads)
+    dtype = str(resolve_dtype(spec.model.dtype, "cpu")).removeprefix("torch.")
     print(f"serving {args.model} in {dtype} (serve.dtype={cfg.serve.dtype})", file=sys.stderr)
     results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}, "dtype": dtype,
                      "args": {k: str(v) for k, v in vars(args).items()},
@@ -179,7 +180,7 @@ def main() -> None:
                 results["levels"][name].append(summarize(c, runs[name]))
             per_round = [b["rps"] / s["rps"] for b, s in zip(runs["batched"], runs["single"])]
             results["ratios"].append({"concurrency": c, "per_round": per_round, "median": statistics.median(per_round)})
-        gen = load_generator(args.model, cfg, num_threads=args.cpus, spec=served_spec(args.model, cfg))  # as a replica loads it
+        gen = load_generator(args.model, cfg, num_threads=args.cpus, spec=spec)
         gen.generate([[{"role": "user", "content": "warm up"}]], 4, constrained=True)
         results["overhead"] = overhead(urls["single"], gen, items[0], args.max_new_tokens, args.overhead_reps)
     finally:

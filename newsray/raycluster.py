@@ -58,6 +58,8 @@ def init_ray(cfg: Config, extra_env: dict[str, str] | None = None) -> Any:
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory_mb * 1024 * 1024,
+        # address="local": a new in-process Ray even when a `ray start` cluster runs on this
+        # machine (a bare ray.init() would attach to the newest one and refuse num_cpus).
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory_mb * 1024 * 1024,
                  include_dashboard=cfg.ray.include_dashboard, runtime_env=runtime_env, log_to_driver=True)
     return ray

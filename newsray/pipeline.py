@@ -147,6 +147,9 @@ def pipeline(cfg: Config) -> PipelineResult:
         from newsray.serving import check_port
 
         check_port(cfg)  # before the search, not after it
+    from newsray.raycluster import init_ray
+
+    init_ray(cfg, stage="pipeline")  # every stage's placement (and, on a cluster, its storage and MLflow) before the search
     with tracking.start_run(cfg, run_name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", stage="pipeline",
                             data_hashes=get_task(cfg).data_hashes()) as run:
         t = tcfg.tune

@@ -100,7 +100,7 @@ def submit(stage: str, config_path: Path | None, overrides: list[str] | tuple[st
         entrypoint = " ".join(["python", f"jobs/{stage}.py", *map(_quote, args)])
         job_id = _submit_with_retry(client, entrypoint=entrypoint, runtime_env=runtime_env,
                                     metadata={"newsray.stage": stage, "newsray.version": newsray.__version__},
-                                    entrypoint_num_cpus=0.1)
+                                    entrypoint_num_cpus=0)  # the driver on the head (it may have 0 CPUs)
     log(f"submitted {stage} as {job_id} to {address}\n")
     if not wait:
         return SubmitResult(job_id, str(client.get_job_status(job_id)), None, address)

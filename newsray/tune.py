@@ -134,7 +134,7 @@ def tune(cfg: Config, resume: bool = False) -> TuneResult:
     import ray
 
     from newsray import tracking
-    from newsray.raycluster import init_ray
+    from newsray.raycluster import init_ray, preflight_placement
 
     storage = _storage(cfg)
     if resume:
@@ -155,6 +155,7 @@ def tune(cfg: Config, resume: bool = False) -> TuneResult:
     base.tracking.uri = tracking.tracking_uri(base)  # absolute, for the trial actors
     init_ray(base)
     check_resources(base, ray.cluster_resources().get("CPU", 0.0), in_process=not (base.ray.address or os.environ.get("RAY_ADDRESS")))
+    preflight_placement(base, "tune")
     exp_id = tracking.setup(base)
     out_dir = Path(base.tracking.run_dir).resolve() / "tune" / name
     out_dir.mkdir(parents=True, exist_ok=True)

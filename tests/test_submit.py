@@ -1,11 +1,8 @@
 """A real Ray head on loopback (cluster/local.sh) and real jobs submitted through the Jobs SDK."""
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,30 +11,16 @@ from mlflow.tracking import MlflowClient
 from newsray.errors import ConfigError, NewsrayError
 from newsray.submit import parse_result, stages, submit
 
+from localcluster import free_port, local_cluster
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """`cluster/local.sh start` on free ports; stopped (this head only) at the end."""
-    state = tmp_path_factory.mktemp("cluster")
-    ray_tmp = Path(tempfile.mkdtemp(prefix="nrray-", dir="/tmp"))  # AF_UNIX socket paths must stay < 108 bytes
-    agent = free_port()
-    env = {**os.environ, "NEWSRAY_GCS_PORT": str(free_port()), "NEWSRAY_DASHBOARD_PORT": str(free_port()),
-           "NEWSRAY_AGENT_PORT": str(agent if agent < 60000 else 52565), "NEWSRAY_CLUSTER_DIR": str(state),
-           "NEWSRAY_RAY_TEMP_DIR": str(ray_tmp), "NEWSRAY_NUM_CPUS": "2", "RAY_AUTH_MODE": "token",
-           "VENV_BIN": str(Path(sys.executable).parent)}
-    r = subprocess.run(["bash", "cluster/local.sh", "start"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr + (state / "head.log").read_text()[-3000:]
-    yield f"http://127.0.0.1:{env['NEWSRAY_DASHBOARD_PORT']}", env
-    subprocess.run(["bash", "cluster/local.sh", "stop"], cwd=REPO, env=env, timeout=120)
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    """`cluster/local.sh start` (a head only, 2 CPUs, no services) on free ports; stopped (this head only) at the end."""
+    with local_cluster(tmp_path_factory.mktemp("cluster"), workers=0, services=False, head_cpus=2) as c:
+        yield c.address, c.env
 
 
 def test_stages_come_from_jobs_dir():

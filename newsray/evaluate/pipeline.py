@@ -216,7 +216,7 @@ def evaluate(cfg: Config, model_ref: str = "baseline", out_dir: Path | None = No
         hint = "set data.val_fraction > 0" if split == "val" else "check data.test_file / data.test_rows"
         raise DataError(f"the {task.name} {split} split is empty; {hint}.")
     spec = resolve_model_ref(model_ref, cfg)  # ModelError before any Ray work
-    init_ray(cfg)
+    init_ray(cfg, stage="evaluate")
     t_gen = time.perf_counter()
     rows = _generate(cfg, model_ref, spec, examples)
     gen_s = time.perf_counter() - t_gen

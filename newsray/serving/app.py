@@ -360,7 +360,7 @@ def run(cfg: Config, model_ref: str, blocking: bool = True, on_ready: Callable[[
     if detach and not on_cluster(cfg):
         raise ConfigError("--detach needs a running cluster (ray.address or $RAY_ADDRESS): an in-process Ray ends with this command.")
     app = build_app(cfg, model_ref)
-    init_ray(cfg)
+    init_ray(cfg, stage="serve")
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})
     t0 = time.perf_counter()

@@ -39,6 +39,7 @@ class TrainerState:
     versions: dict[str, str] = field(default_factory=dict)  # torch, transformers, peft, unsloth ...
     resumed_from_steps: list[int] = field(default_factory=list)
     log_history: list[dict[str, float]] = field(default_factory=list)
+    ranks: list[dict[str, Any]] = field(default_factory=list)  # at this checkpoint: node id, pid, LoRA digest per rank
 
     def data_position(self) -> dict[str, int]:
         """(epoch index, micro-batch within that epoch) of the next batch on each rank."""
@@ -118,7 +119,57 @@ def is_adapter_dir(directory: Path) -> bool:
     return all((d / f).is_file() for f in (*ADAPTER_FILES, CONFIG_FILE, STATE_FILE, "tokenizer_config.json"))
 
 
-def latest_complete(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint_* directory (adapter + training state) in a local run directory."""
-    done = [d for d in Path(run_dir).glob("checkpoint_*") if is_adapter_dir(d) and (d / TRAINING_STATE_FILE).is_file()]
-    return max(done, key=lambda d: TrainerState.read(d).global_step) if done else None
+def _storage_fs(location: str | Path) -> tuple[Any, str]:
+    """(pyarrow filesystem, path in it) of a local directory or a storage URI (s3://..., gs://..., file://...)."""
+    import pyarrow.fs
+
+    loc = str(location)
+    if "://" in loc:
+        return pyarrow.fs.FileSystem.from_uri(loc)
+    return pyarrow.fs.LocalFileSystem(), str(Path(loc).resolve())
+
+
+def _join(location: str | Path, name: str) -> str:
+    return f"{str(location).rstrip('/')}/{name}"
+
+
+def latest_complete(run_dir: str | Path) -> str | Path | None:
+    """The newest complete checkpoint_* directory (adapter + training state) of a run directory.
+
+    `run_dir` is a local directory (returns a Path) or a storage URI such as s3://bucket/run (returns
+    the checkpoint's URI; read it with `local_copy`). Read through pyarrow.fs, as Ray Train writes it.
+    """
+    import pyarrow.fs
+
+    fs, base = _storage_fs(run_dir)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+    except OSError:
+        return None
+    best: tuple[int, str] | None = None
+    need = (*ADAPTER_FILES, CONFIG_FILE, STATE_FILE, "tokenizer_config.json", TRAINING_STATE_FILE)
+    for info in infos:
+        if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        files = fs.get_file_info([f"{info.path}/{f}" for f in need])
+        if any(f.type != pyarrow.fs.FileType.File for f in files):
+            continue
+        with fs.open_input_stream(f"{info.path}/{STATE_FILE}") as f:
+            step = int(json.loads(f.read())["global_step"])
+        if best is None or step > best[0]:
+            best = (step, info.base_name)
+    if best is None:
+        return None
+    return Path(base) / best[1] if isinstance(fs, pyarrow.fs.LocalFileSystem) and "://" not in str(run_dir) else _join(run_dir, best[1])
+
+
+def local_copy(location: str | Path, target: Path) -> Path:
+    """A checkpoint directory on local disk: itself if it is local, else downloaded into `target`."""
+    import pyarrow.fs
+
+    if "://" not in str(location) or str(location).startswith("file://"):
+        return Path(str(location).removeprefix("file://"))
+    fs, path = _storage_fs(location)
+    target.mkdir(parents=True, exist_ok=True)
+    pyarrow.fs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return target

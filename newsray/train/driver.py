@@ -139,19 +139,11 @@ def _log_adapter(adapter_dir: Path) -> None:
 
 
 def _latest_checkpoint(run_path: str) -> str | None:
-    """The newest complete checkpoint a run left in storage (on disk, even if Ray never registered it)."""
+    """The newest complete checkpoint a run left in storage (local or s3://..., even if Ray never registered it)."""
     from newsray.train.checkpoint import latest_complete
 
-    if not _is_uri(run_path):
-        found = latest_complete(_local(run_path))
-        return str(found) if found else None
-    try:
-        from ray.train import Result
-
-        ckpt = Result.from_path(run_path).checkpoint
-        return ckpt.path if ckpt else None
-    except Exception:  # noqa: BLE001 - nothing to point at is fine
-        return None
+    found = latest_complete(run_path if _is_uri(run_path) else _local(run_path))
+    return str(found) if found else None
 
 
 def worker_config(cfg: Config, data: TrainData, mlflow: dict[str, str] | None = None) -> dict[str, Any]:
@@ -159,7 +151,7 @@ def worker_config(cfg: Config, data: TrainData, mlflow: dict[str, str] | None = 
 
     With train.resume, it also names the newest checkpoint on disk: a crash right after a report can
     leave a checkpoint that Ray never registered; the worker resumes from whichever is newer. For
-    the same reason a restarted worker (FailureConfig) also looks in `run_dir` on local storage.
+    the same reason a restarted worker (FailureConfig) also looks in `run_dir` (local or object storage).
     """
     from newsray.train.data import total_steps
     from newsray.train.loop import KILL_ENV
@@ -168,8 +160,7 @@ def worker_config(cfg: Config, data: TrainData, mlflow: dict[str, str] | None = 
     resume_dir = _latest_checkpoint(run_path) if cfg.train.resume else None
     return {"cfg": cfg.model_dump(mode="json"), "max_steps": total_steps(cfg, len(data.train)), "pad_id": data.pad_id,
             "train_rows": data.train, "val_rows": data.val, "kill_after_step": os.environ.get(KILL_ENV), "mlflow": mlflow,
-            "resume_dir": resume_dir if resume_dir and not _is_uri(resume_dir) else None,
-            "run_dir": None if _is_uri(run_path) else str(_local(run_path))}
+            "resume_dir": resume_dir, "run_dir": run_path if _is_uri(run_path) else str(_local(run_path))}
 
 
 def train_in_process(cfg: Config, out_dir: Path) -> tuple[dict[str, float], Path]:
@@ -213,13 +204,14 @@ def train(cfg: Config) -> TrainResult:
     import mlflow
 
     from newsray import tracking
-    from newsray.raycluster import init_ray
+    from newsray.raycluster import init_ray, preflight_placement
     from newsray.train.data import total_steps
 
     cfg, data = preflight(cfg)
     run_name = cfg.train.run_name or ""
     init_ray(cfg)
     check_resources(cfg, in_process=not (cfg.ray.address or os.environ.get("RAY_ADDRESS")))
+    preflight_placement(cfg, "train")
     max_steps = total_steps(cfg, len(data.train))
     storage = cfg.train.storage_path
     run_path = f"{storage.rstrip('/')}/{run_name}"

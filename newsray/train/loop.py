@@ -33,6 +33,7 @@ class RaySession:
 
         ctx = ray.train.get_context()
         self.rank, self.world_size, self.local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     def device(self, use_gpu: bool) -> Any:
         import ray.train.torch
@@ -66,7 +67,7 @@ class RaySession:
 class LocalSession:
     """One process without Ray (benchmarks, debugging): checkpoints go to `out_dir`/checkpoint_NNNNNN."""
 
-    rank, world_size, local_rank = 0, 1, 0
+    rank, world_size, local_rank, node_id = 0, 1, 0, "local"
 
     def __init__(self, out_dir: Path, resume_from: Path | None = None):
         self.out_dir, self.resume_from, self.reports = Path(out_dir), resume_from, []
@@ -121,12 +122,20 @@ class _MlflowLogger:
             self.client, self.run_id = MlflowClient(tracking_uri=spec["tracking_uri"]), spec["run_id"]
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        """Log, never fail training: MLflow's client retries a server that is down (with backoff, so
+        the step waits and the metrics arrive late); past its retries the metrics are lost, with a warning."""
         if self.client is None:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        try:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        except Exception as e:  # noqa: BLE001 - a tracking outage must not end a training run
+            import sys
+
+            print(f"newsray: warning: step {step} metrics not logged to MLflow ({type(e).__name__}: {str(e)[:200]})",
+                  file=sys.stderr, flush=True)
 
 
 def _validation_loss(model: Any, batches: list[dict[str, Any]], device: Any, amp: Any, sliced_logits: bool) -> float | None:
@@ -155,6 +164,24 @@ def _newest(*dirs: Path | str | None) -> Path | None:
     """The checkpoint directory with the highest global_step among those given (None if none)."""
     found = [Path(d) for d in dirs if d and (Path(d) / "trainer_state.json").is_file()]
     return max(found, key=lambda d: TrainerState.read(d).global_step) if found else None
+
+
+def rank_fingerprints(node_id: str, model: Any) -> list[dict[str, Any]]:
+    """Every rank's node id, pid and a digest of its LoRA weights (equal digests: gradients in sync)."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if "lora_" in name:
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    mine = {"node_id": node_id, "pid": os.getpid(), "lora_sha256": h.hexdigest()[:16]}
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
 
 
 def _versions() -> dict[str, str]:
@@ -224,11 +251,13 @@ def run_worker(config: dict[str, Any], session: Any) -> dict[str, float]:
                          seed=cfg.train.seed, run_name=cfg.train.run_name or "", backend=backend.name, versions=_versions())
     mlflow_log = _MlflowLogger(config.get("mlflow"), rank)
 
-    with session.checkpoint_dir() as ray_dir:
+    with session.checkpoint_dir() as ray_dir, tempfile.TemporaryDirectory(prefix="newsray-resume-") as fetched:
         # Ray's registered checkpoint, train.resume's, or one this run persisted before a worker died
-        # but that the controller had not yet registered (a kill right after ray.train.report).
-        on_disk = ck.latest_complete(Path(config["run_dir"])) if config.get("run_dir") else None
-        resume_dir = _newest(ray_dir, config.get("resume_dir"), on_disk)
+        # but that the controller had not yet registered (a kill right after ray.train.report). The
+        # run directory is local or in object storage (s3://...): read through pyarrow.fs.
+        on_disk = ck.latest_complete(config["run_dir"]) if config.get("run_dir") else None
+        candidates = [ray_dir] + [ck.local_copy(loc, Path(fetched) / str(i)) for i, loc in enumerate((config.get("resume_dir"), on_disk)) if loc]
+        resume_dir = _newest(*candidates)
         if resume_dir is not None:
             ck.load_adapter_weights(model, resume_dir)
             old = ck.TrainerState.read(resume_dir)
@@ -287,6 +316,7 @@ def run_worker(config: dict[str, Any], session: Any) -> dict[str, float]:
                                      | ({"val_loss": metrics["val_loss"]} if "val_loss" in metrics else {}))
             mlflow_log.log({k: v for k, v in metrics.items() if k != "step"}, step)
             if is_ckpt:
+                state.ranks = rank_fingerprints(getattr(session, "node_id", "local"), unwrapped)
                 with tempfile.TemporaryDirectory(prefix="newsray-ckpt-") as tmp:
                     directory = None
                     if rank == 0:

@@ -69,11 +69,11 @@ wait_http() {  # name url codes... : wait until the URL answers one of the codes
   return 1
 }
 
-nodes_alive() {  # number of alive Ray nodes
-  python - "$GCS_PORT" <<'EOF' 2>/dev/null || echo 0
-import sys, ray
-ray.init(address=f"127.0.0.1:{sys.argv[1]}", logging_level="ERROR", log_to_driver=False)
-print(sum(1 for n in ray.nodes() if n["Alive"]))
+nodes_alive() {  # number of alive Ray nodes (the state API over HTTP: no driver joins the cluster)
+  python - "$DASHBOARD_PORT" <<'EOF' 2>/dev/null | sed -n 's/^NODES //p' || true
+import sys
+from ray.util.state import list_nodes
+print("NODES", len(list_nodes(address=f"http://127.0.0.1:{sys.argv[1]}", filters=[("state", "=", "ALIVE")])))
 EOF
 }
 
@@ -160,11 +160,18 @@ case "${1:-}" in
     start_head "$head_cpus"
     for k in $(seq 1 "$workers"); do start_worker "$k"; done
     if [ "$workers" -gt 0 ]; then  # ready when every worker node has joined
+      declare -A tries=()
+      n=0
       for _ in $(seq 1 90); do
-        n=$(nodes_alive)
+        n=$(nodes_alive); n=${n:-0}
         [ "$n" -ge $((workers + 1)) ] && break
         for k in $(seq 1 "$workers"); do
-          running "worker-$k" || { echo "worker node $k exited; see $STATE_DIR/worker-$k.log" >&2; exit 1; }
+          if ! running "worker-$k"; then  # a start can time out on a loaded machine: try it again, twice
+            tries[$k]=$(( ${tries[$k]:-0} + 1 ))
+            if [ "${tries[$k]}" -gt 2 ]; then echo "worker node $k exited 3 times; see $STATE_DIR/worker-$k.log" >&2; exit 1; fi
+            echo "worker node $k exited (see $STATE_DIR/worker-$k.log); starting it again" >&2
+            start_worker "$k"
+          fi
         done
         sleep 2
       done

@@ -126,6 +126,8 @@ def _sees_everywhere(path: Path, nodes: list[dict[str, Any]], timeout_s: float =
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    if not nodes:
+        return []
     token = secrets.token_hex(8)
     path.mkdir(parents=True, exist_ok=True)
     marker = path / f".newsray-shared-{token}"
@@ -162,7 +164,12 @@ def check_shared_services(cfg: Config, stage: str, nodes: list[dict[str, Any]]) 
                           "run an MLflow server and set MLFLOW_TRACKING_URI (or tracking.uri) to its http:// address.")
     storage = cfg.train.storage_path
     if stage in ("train", "tune", "pipeline") and ("://" not in storage or storage.startswith("file://")):
-        blind = _sees_everywhere(Path(storage.removeprefix("file://")).resolve(), nodes)
+        # Not probed on this process's own node: it sees its own files, and a task there that shares
+        # a submitted job's runtime env can take the job's working dir with it when its worker exits.
+        import ray
+
+        here = ray.get_runtime_context().get_node_id()
+        blind = _sees_everywhere(Path(storage.removeprefix("file://")).resolve(), [n for n in nodes if n["NodeID"] != here])
         if blind:
             raise ConfigError(f"train.storage_path={storage} is a local path that {len(blind)} of the cluster's {len(nodes)} nodes "
                               f"cannot see (node {blind[0][:12]}); use object storage (s3://bucket/path) or a filesystem mounted on every node.")

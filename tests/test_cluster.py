@@ -19,8 +19,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from localcluster import REPO, free_port, local_cluster, wait_for
 
-from localcluster import REPO, local_cluster, wait_for
 from newsray.submit import parse_result, submit
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -81,7 +81,7 @@ def mlflow_client(cluster):
 # Preflight: one sentence before any work
 
 
-def test_preflight_names_what_the_cluster_cannot_place(cluster, tmp_path, data_dir):
+def test_preflight_names_what_the_cluster_cannot_place(cluster, tmp_path, data_dir, monkeypatch):
     import ray
 
     from newsray.config import load_config
@@ -101,13 +101,15 @@ def test_preflight_names_what_the_cluster_cannot_place(cluster, tmp_path, data_d
             "train": (["train.num_workers=3"], "can place only 2 of the 3"),
             "serve": (["serve.cpus_per_replica=2"], "no node of the Ray cluster can hold one"),
             "evaluate": (["eval.gpus_per_actor=1"], "asks for GPUs but the Ray cluster has none"),
-            "tune": (["tune.cpus_per_trial=1"], "no node of the Ray cluster can hold one"),  # 0.05 driver + 1 worker CPU: 1.05
+            "tune": (["tune.cpus_per_trial=2"], "no node of the Ray cluster can hold one"),  # a 2-CPU Train worker
         }
         for stage, (extra, match) in cases.items():
             with pytest.raises(ConfigError, match=match):
                 preflight_placement(cfg(*extra), stage)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")  # else it wins over tracking.uri
         with pytest.raises(ConfigError, match="is a file on this machine but the Ray cluster has 3 nodes"):
-            preflight_placement(cfg(f"tracking.uri=sqlite:///{tmp_path}/m.db"), "evaluate")
+            preflight_placement(cfg(f"tracking.uri=sqlite:///{tmp_path}/m.db", "eval.cpus_per_actor=0.6"), "evaluate")
+        monkeypatch.undo()
     finally:
         ray.shutdown()
     # The same through a submitted job: refused on the cluster with one sentence, exit status 2, no traceback.
@@ -206,9 +208,8 @@ def test_evaluate_with_two_actors_on_two_nodes_equals_one_actor(cluster, tmp_pat
 
 def test_pipeline_end_to_end_tune_trials_on_two_nodes_champion_on_the_server(cluster, tmp_path, data_dir, embedded_model):
     """tune (2 trials at once, one per node, nested runs) -> train -> evaluate -> compare -> register (champion) -> serve."""
-    from newsray.submit import _local_path_overrides  # noqa: F401 - the local paths are pinned by submit itself
 
-    serve_port = __import__("localcluster").free_port()
+    serve_port = free_port()
     args = agnews(data_dir, tmp_path, "data.train_rows=[100,106]", "data.val_fraction=0.34", "train.num_workers=1",
                   "train.precision=fp32", "train.warmup_steps=0", f"train.storage_path={tmp_path / 'ray'}",
                   "tune.num_samples=2", "tune.max_concurrent_trials=2", "tune.cpus_per_trial=0.9", "tune.lora_r=[4,8]",
@@ -315,7 +316,7 @@ def test_node_killed_mid_evaluation_loses_and_duplicates_no_row(cluster, tmp_pat
 
     def generating_on_worker2():
         node = cluster.node_ids().get("worker-2")
-        return node and any(a.state == "ALIVE" and a.node_id == node and "Generat" in (a.class_name or "") and a.job_id
+        return node and any(a.state == "ALIVE" and a.node_id == node and "MapWorker" in (a.class_name or "")
                             for a in list_actors(address=cluster.address, limit=10000, detail=True))
 
     wait_for("a generation actor on worker-2", generating_on_worker2, 600)
@@ -340,14 +341,13 @@ def test_serve_two_replicas_on_two_nodes_one_node_killed_under_load(cluster, tmp
 
     from newsray.registry import register
 
-    client = mlflow_client(cluster)
     if not FACTS.get("champion_version"):  # the pipeline test registered one; else register the trained adapter
         from newsray.config import load_config
 
         trained = FACTS["train_result"]
         register(load_config(None, agnews(data_dir, tmp_path)), trained["adapter_uri"], trained["mlflow_run_id"], "val_loss", 1.0,
                  "agnews:cluster-test", source="test_cluster")
-    port = __import__("localcluster").free_port()
+    port = free_port()
     res, logs = run_submit(cluster, "serve", agnews(data_dir, tmp_path, "serve.num_replicas=2", "serve.cpus_per_replica=1",
                                                     "serve.max_new_tokens=8", f"serve.port={port}", "model.dtype=float32"),
                            job_args=["--model", "models:/newsray-agnews@champion"])

@@ -73,7 +73,7 @@ nodes_alive() {  # number of alive Ray nodes (the state API over HTTP: no driver
   python - "$DASHBOARD_PORT" <<'EOF' 2>/dev/null | sed -n 's/^NODES //p' || true
 import sys
 from ray.util.state import list_nodes
-print("NODES", len(list_nodes(address=f"http://127.0.0.1:{sys.argv[1]}", filters=[("state", "=", "ALIVE")])))
+print("NODES", len(list_nodes(address=f"http://127.0.0.1:{sys.argv[1]}", filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False)))
 EOF
 }
 

@@ -147,6 +147,9 @@ def pipeline(cfg: Config) -> PipelineResult:
         from newsray.serving import check_port
 
         check_port(cfg)  # before the search, not after it
+    import transformers  # noqa: F401 - before Ray: in a submitted job, joining the cluster can re-extract the job's
+    # working dir (the cwd) under the same path, and transformers reads the cwd when it is first imported
+
     from newsray.raycluster import init_ray
 
     init_ray(cfg, stage="pipeline")  # every stage's placement (and, on a cluster, its storage and MLflow) before the search

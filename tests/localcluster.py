@@ -107,7 +107,7 @@ class LocalCluster:
         from ray.util.state import list_nodes
 
         out = {}
-        for n in list_nodes(address=self.address, filters=[("state", "=", "ALIVE")], detail=True):
+        for n in list_nodes(address=self.address, filters=[("state", "=", "ALIVE")], detail=True, limit=1000, raise_on_missing_output=False):
             for res in n.resources_total:
                 if res == "newsray_head":
                     out["head"] = n.node_id

@@ -71,7 +71,7 @@ class LocalCluster:
     def bucket(self) -> str:
         return self.env["NEWSRAY_S3_BUCKET"]
 
-    def sh(self, *args: str, timeout: float = 400, check: bool = True) -> subprocess.CompletedProcess:
+    def sh(self, *args: str, timeout: float = 700, check: bool = True) -> subprocess.CompletedProcess:
         r = subprocess.run(["bash", "cluster/local.sh", *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
             logs = "".join(f"\n--- {p.name}\n" + p.read_text()[-2000:] for p in sorted(self.state.glob("*.log")))

@@ -224,7 +224,8 @@ def test_pipeline_end_to_end_tune_trials_on_two_nodes_champion_on_the_server(clu
     client = mlflow_client(cluster)
     tune_run = client.get_run(r["tune_run_id"])
     children = client.search_runs([tune_run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{r['tune_run_id']}'")
-    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    # FINISHED, or KILLED when ASHA stopped the worse trial at its rung (step 2)
+    assert len(children) == 2 and {c.info.status for c in children} <= {"FINISHED", "KILLED"}, [c.info.status for c in children]
     assert tune_run.data.tags["mlflow.parentRunId"] == r["mlflow_run_id"]  # nested under the pipeline's run
     # the two trials trained on different nodes (each trial's adapter records its rank's node)
     trial_nodes = {state_of(Path(c.data.tags.get("newsray.adapter_dir") or _trial_adapter(tmp_path, c)))["ranks"][0]["node_id"] for c in children}

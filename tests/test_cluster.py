@@ -252,6 +252,7 @@ def test_worker_node_killed_mid_training_resumes_from_the_s3_checkpoint(cluster,
     from test_train import assert_loads
 
     prefix = f"{cluster.bucket}/fault/node-kill"
+    cluster.sh("start", "--workers", "2")  # every node back (an earlier fault test may have left one dead)
     res, _ = run_submit(cluster, "train", train_args(data_dir, tmp_path, f"s3://{cluster.bucket}/fault", "train.max_steps=6",
                                                      "train.checkpoint_every_steps=2", "train.max_failures=2", "train.run_name=node-kill"),
                         wait=False)
@@ -307,8 +308,14 @@ def test_mlflow_server_restarted_mid_training_does_not_fail_it(cluster, tmp_path
     assert sorted(set(steps)) == [1, 2, 3, 4, 5] or logs.count("not logged to MLflow") == 5 - len(set(steps)), (steps, logs[-3000:])
 
 
+@pytest.mark.xfail(strict=True, reason="measured 2026-12-01: the evaluation job FAILS when a node holding a generation actor is "
+                   "killed: Ray Data retries the actor's batch while the actor is only 'temporarily unavailable' (ActorUnavailableError) "
+                   "and spends eval.max_actor_restarts=3 task retries within seconds, before the actor is declared dead and restarted; "
+                   "no partial results are written (nothing silently lost). Fix in newsray/evaluate/pipeline.py (being rewritten).")
 def test_node_killed_mid_evaluation_loses_and_duplicates_no_row(cluster, tmp_path, data_dir, embedded_model):
     from ray.job_submission import JobSubmissionClient
+
+    cluster.sh("start", "--workers", "2")  # every node back (an earlier fault test may have left one dead)
 
     args = agnews(data_dir, tmp_path, "eval.limit=8", *EVAL[1:], "eval.max_new_tokens=16", "eval.num_actors=2")
     res, _ = run_submit(cluster, "evaluate", args, job_args=["--model", "baseline"], wait=False)
@@ -342,6 +349,7 @@ def test_serve_two_replicas_on_two_nodes_one_node_killed_under_load(cluster, tmp
 
     from newsray.registry import register
 
+    cluster.sh("start", "--workers", "2")  # every node back (an earlier fault test may have left one dead)
     if not FACTS.get("champion_version"):  # the pipeline test registered one; else register the trained adapter
         from newsray.config import load_config
 

@@ -143,7 +143,7 @@ def main() -> None:
 
     from newsray.serving import build_app, served_spec
 
-    from newsray.inference import load_generator
+    from newsray.generation import load_generator
     from newsray.raycluster import init_ray
 
     t0 = time.perf_counter()

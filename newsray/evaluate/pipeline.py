@@ -1,7 +1,9 @@
 """`evaluate`: the task's test set through a Ray Data actor pool (generate -> parse), then score and log.
 
-Each actor loads base + adapter once (newsray.inference) and generates batches greedily; rows come
-back in any order and are put back in test-set order by their position. Ray Data retries the
+Each actor loads base + adapter once (newsray.generation) in eval.dtype and queues its rows on its
+engine, which decodes eval.batch_size of them at a time and refills a finished row's slot at the
+next step (continuous batching); rows come back in any order and are put back in test-set order
+by their position. Ray Data retries the
 batch of an actor that dies (bounded by eval.max_actor_restarts). The files of docs/EVALUATION.md
 are written atomically into the output directory, then one MLflow run records them.
 """
@@ -23,7 +25,7 @@ from typing import Any, Literal
 import newsray
 from newsray.config import Config
 from newsray.errors import DataError
-from newsray.inference import ModelSpec, load_generator, model_slug, resolve_model_ref
+from newsray.generation import ModelSpec, load_generator, model_slug, on_device, resolve_model_ref
 from newsray.raycluster import init_ray
 from newsray.tasks import Example, get_task
 
@@ -63,8 +65,10 @@ class GeneratorActor:
     def __init__(self, cfg: Config, model_ref: str, spec: ModelSpec, fault: str | None = None):
         import torch
 
-        gpu = cfg.eval.gpus_per_actor > 0 and torch.cuda.is_available()
-        self.gen = load_generator(model_ref, cfg, "cuda" if gpu else "cpu", num_threads=cfg.eval.cpus_per_actor, spec=spec)
+        device = "cuda" if cfg.eval.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        spec = on_device(spec, cfg.eval.dtype, device)
+        self.gen = load_generator(model_ref, cfg, device, num_threads=cfg.eval.cpus_per_actor, spec=spec, slots=cfg.eval.batch_size)
+        self.dtype = spec.model.dtype
         self.task, self.max_new_tokens, self.constrained = cfg.data.task, cfg.eval.max_new_tokens, cfg.eval.constrained
         self.rows_done, self.fault = 0, fault
 
@@ -93,6 +97,7 @@ class GeneratorActor:
             "latency_s": [latency] * len(results),
             "parsed": [json.dumps(parse_output(self.task, r.text)) for r in results],
             "actor_pid": [os.getpid()] * len(results),
+            "dtype": [self.dtype] * len(results),
         }
 
 
@@ -103,7 +108,10 @@ def _generate(cfg: Config, model_ref: str, spec: ModelSpec, examples: list[Examp
     items = [{"row": i, "messages": json.dumps(ex.messages())} for i, ex in enumerate(examples)]
     items.sort(key=lambda it: len(it["messages"]))  # similar lengths batch together (less padding); "row" restores order
     e = cfg.eval
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / e.batch_size)))
+    # Rows per actor call: enough to keep the engine's eval.batch_size slots full (continuous batching
+    # drains only at the end of a call), at most 4 x slots so a crashed actor repeats little.
+    per_call = min(len(items), max(e.batch_size, math.ceil(len(items) / e.num_actors)), 4 * e.batch_size)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_call)))
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for max_restarts / max_task_retries (its actor pool reads
         # them from **ray_remote_args, which warns that it is deprecated): bounded, not infinite.
@@ -114,7 +122,7 @@ def _generate(cfg: Config, model_ref: str, spec: ModelSpec, examples: list[Examp
             compute=ray.data.ActorPoolStrategy(size=e.num_actors),
             num_cpus=e.cpus_per_actor,
             num_gpus=e.gpus_per_actor or None,
-            batch_size=e.batch_size,
+            batch_size=per_call,
             max_restarts=e.max_actor_restarts,
             max_task_retries=e.max_actor_restarts,
         )
@@ -238,6 +246,7 @@ def evaluate(cfg: Config, model_ref: str = "baseline", out_dir: Path | None = No
     info = {"task": task.name, "split": split, "model_ref": model_ref, "base_model": spec.model.name, "constrained": cfg.eval.constrained,
             "max_new_tokens": cfg.eval.max_new_tokens, "n": len(examples), "wall_s": time.perf_counter() - t0,
             "generation_s": gen_s, "batch_size": cfg.eval.batch_size, "num_actors": cfg.eval.num_actors,
+            "dtype": rows[0]["dtype"], "engine": "newsray",
             "newsray_version": newsray.__version__, "git_commit": git_commit()}
     _dump(out / "eval_info.json", info)
     run_id = _log_mlflow(cfg, model_ref, out, aggregates, info, task.data_hashes())

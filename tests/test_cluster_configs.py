@@ -113,7 +113,7 @@ def _crd(kind: str) -> dict:
     return yaml.load(raw, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 1.4 MB: libyaml when present
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def k8s_validator(kind: str):
     crd = _crd(kind)
     assert crd["spec"]["names"]["kind"] == kind and crd["spec"]["group"] == "ray.io"
@@ -130,7 +130,7 @@ def _manifest(kind: str) -> dict:
     return copy.deepcopy(_manifest_cached(kind))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _manifest_cached(kind: str) -> dict:
     return yaml.safe_load((KUBERAY / MANIFESTS[kind]).read_text())
 
@@ -279,6 +279,9 @@ def test_crd_validation_rejects_broken_manifests():
 
 def test_kuberay_pods_agree():
     """The three manifests run the same pods: image, env, auth, service account, GPU requests."""
+    names = [_manifest(kind)["metadata"]["name"] for kind in MANIFESTS]
+    assert len(set(names)) == len(names), "distinct names: KubeRay names each head Service <name>-head-svc"
+    assert len({_manifest(kind)["metadata"]["namespace"] for kind in MANIFESTS}) == 1
     specs = {kind: _cluster_spec(_manifest(kind)) for kind in MANIFESTS}
     first = specs["RayCluster"]
     for kind, spec in specs.items():
@@ -320,12 +323,12 @@ def _in_image(path: str) -> Path:
 
 def test_dockerfile_installs_newsray_with_gpu_extras():
     text = (CLUSTER / "Dockerfile").read_text()
-    assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M)
-    base = re.search(r"^ARG BASE_IMAGE=(\S+)", text, re.M).group(1)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.MULTILINE)
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)", text, re.MULTILINE).group(1)
     assert base.startswith(f"rayproject/ray:{_pinned_ray()}-py311-cu"), "Ray's CUDA image of the pinned Ray / Python 3.11"
     assert re.search(r"pip install .*\"\.\[gpu\]\"", text), "newsray with the gpu extras"
     assert "download.pytorch.org/whl/cu" in text, "a CUDA build of PyTorch"
-    assert re.search(r"^WORKDIR " + re.escape(IMAGE_ROOT) + "$", text, re.M)
+    assert re.search(r"^WORKDIR " + re.escape(IMAGE_ROOT) + "$", text, re.MULTILINE)
     assert {"pyproject.toml", "newsray", "jobs", "configs", "serve"} <= _image_files()
     # The image named everywhere is this Dockerfile's documented tag.
     assert f"-t {_kuberay_image()} " in text
@@ -367,7 +370,7 @@ def test_rayservice_serve_config_deploys_newsrays_app_on_the_champion():
     assert "NEWSRAY_API_TOKEN" in env_names, "the bearer token the app reads is in the pods' env"
     # The same deployments as serve/config.yaml, with a GPU per model replica.
     local = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
-    names = lambda c: [d["name"] for d in c["applications"][0]["deployments"]]  # noqa: E731
+    names = lambda c: [d["name"] for d in c["applications"][0]["deployments"]]
     assert names(serve_cfg) == names(local)
     model_dep = next(d for d in app["deployments"] if d["name"] == "NewsrayModel")
     assert model_dep["ray_actor_options"]["num_gpus"] == 1
@@ -412,8 +415,9 @@ def test_mlflow_manifest_command_serves_the_ray_pods_host(tmp_path):
     assert set(swap) <= {a.split("=", 1)[0] for a in argv}
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen([str(mlflow_bin), "server", *argv], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "mlflow.log", "w"))
+    with open(tmp_path / "mlflow.log", "w") as log:
+        proc = subprocess.Popen([str(mlflow_bin), "server", *argv], cwd=tmp_path, env=env,
+                                stdout=subprocess.DEVNULL, stderr=log)
     try:
         api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
         deadline = time.monotonic() + 180

@@ -148,6 +148,12 @@ def _containers(cluster_spec: dict) -> list[dict]:
     return [c for p in _pod_specs(cluster_spec) for c in p.get("initContainers", []) + p["containers"]]
 
 
+def _ray_start_options() -> set[str]:
+    from ray.scripts.scripts import start
+
+    return {opt for param in start.params for opt in param.opts}
+
+
 # --- Ray cluster launcher ---------------------------------------------------------------------------
 
 def _ray_schema() -> dict:
@@ -183,6 +189,8 @@ def test_launcher_yaml_matches_rays_schema_and_checks(name):
     assert "~/.ray/auth_token" in cfg["file_mounts"]
     for cmd in cfg["head_start_ray_commands"][-1:] + cfg["worker_start_ray_commands"][-1:]:
         assert "RAY_AUTH_MODE=token" in cmd and "ray start" in cmd
+        flags = {t.split("=", 1)[0] for t in shlex.split(cmd.split("ray start", 1)[1]) if t.startswith("--")}
+        assert flags <= _ray_start_options(), f"not `ray start` options: {flags - _ray_start_options()}"
     assert "--env RAY_AUTH_MODE=token" in cfg["docker"]["run_options"]
     # The image is the one cluster/Dockerfile builds and the KubeRay manifests name.
     assert cfg["docker"]["image"] == _kuberay_image()
@@ -239,6 +247,9 @@ def test_kuberay_manifest_passes_the_operators_checks(kind):
     assert spec["headGroupSpec"]["template"]["spec"]["containers"]
     groups = spec["workerGroupSpecs"]
     assert len({g["groupName"] for g in groups}) == len(groups)
+    for params in [spec["headGroupSpec"]["rayStartParams"]] + [g["rayStartParams"] for g in groups]:
+        unknown = {f"--{k}" for k in params} - _ray_start_options()  # KubeRay passes each as --key=value
+        assert not unknown, f"rayStartParams that `ray start` does not take: {unknown}"
     for g in groups:
         assert g["template"]["spec"]["containers"]
         assert 0 <= g["minReplicas"] <= g.get("replicas", g["minReplicas"]) <= g["maxReplicas"]

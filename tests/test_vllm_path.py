@@ -116,6 +116,28 @@ def test_budget_regex_compiles_for_the_real_tokenizer(smollm2_tokenizer):
         assert matcher.is_accepting()
 
 
+def test_news_schema_pass_as_vllm_guidance_compiles_it(smollm2_tokenizer, data_dir):
+    """The first pass's `json` as vLLM's guidance backend compiles it (vllm/v1/structured_output/backend_guidance.py,
+    serialize_guidance_grammar: grammar_from_json_schema(spec, defaults={"whitespace_flexible": True})) accepts the
+    training answers token by token, so the constrained pass can reproduce the trained layout."""
+    import llguidance
+    import llguidance.hf
+    from llguidance import LLMatcher
+
+    spec = nv.structured_outputs("news", 256)["json"]
+    grammar = LLMatcher.grammar_from_json_schema(spec, defaults={"whitespace_flexible": True})
+    tok = llguidance.hf.from_tokenizer(smollm2_tokenizer)
+    assert LLMatcher.validate_grammar(grammar, tok) == ""
+    answers = [json.loads(line)["messages"][-1]["content"]
+               for line in (data_dir / "news" / "news_test_data.jsonl").read_text().splitlines() if line.strip()]
+    for answer in answers[:24]:
+        matcher = LLMatcher(tok, grammar)
+        assert matcher.consume_tokens(smollm2_tokenizer(answer, add_special_tokens=False)["input_ids"]), answer
+        assert matcher.is_accepting()
+    matcher = LLMatcher(tok, grammar)
+    assert not matcher.consume_tokens(smollm2_tokenizer('{\n  "relevance_score": 11', add_special_tokens=False)["input_ids"])
+
+
 def test_structured_outputs_per_task():
     from newsray.tasks.agnews import LABELS
     from newsray.tasks.news import answer_json_schema

@@ -169,7 +169,8 @@ def processor_config(cfg: Config, spec: ModelSpec, model_source: str, lora_uri: 
 
 
 def merged_model_dir(spec: ModelSpec) -> str:
-    """The base model with spec's adapter merged in, saved once under the newsray cache (the base's dir if none).
+    """The base model with spec's adapter merged in (on this process's CPU), saved once under the newsray cache
+    (the base's dir if there is no adapter).
 
     On a multi-node cluster the cache must be on storage every GPU node sees (NEWSRAY_CACHE_DIR).
     """
@@ -199,6 +200,21 @@ def merged_model_dir(spec: ModelSpec) -> str:
     return str(out)
 
 
+def sampling_params(cfg: Config, stop_ids: list[int], strict: bool = False) -> dict[str, Any]:
+    """One row's `sampling_params` (vllm.SamplingParams fields): greedy, the eval budget, the task's structured output."""
+    params: dict[str, Any] = {"temperature": 0.0, "max_tokens": cfg.eval.max_new_tokens, "stop_token_ids": list(stop_ids),
+                              "detokenize": False}
+    if cfg.eval.constrained:
+        params["structured_outputs"] = structured_outputs(cfg.data.task, cfg.eval.max_new_tokens, strict)
+    return params
+
+
+def request_rows(prompts: dict[int, list[int]], params: dict[str, Any], lora_name: str | None = None) -> list[dict[str, Any]]:
+    """The vLLM stage's input rows: row id, newsray's prompt token ids, sampling params (and the LoRA adapter's name)."""
+    return [{"row": r, "tokenized_prompt": ids, "sampling_params": params, **({"model": lora_name} if lora_name else {})}
+            for r, ids in prompts.items()]
+
+
 def evaluate_rows(cfg: Config, spec: ModelSpec, items: list[dict[str, Any]], lora_uri: str | None = None) -> list[dict[str, Any]]:
     """Generate every item ({"row", "messages": JSON chat}) with vLLM on Ray Data -> {"row", "output", "n_new_tokens", "finish_reason"}.
 
@@ -219,11 +235,7 @@ def evaluate_rows(cfg: Config, spec: ModelSpec, items: list[dict[str, Any]], lor
     prompts = {int(it["row"]): fmt.prompt_ids(json.loads(it["messages"])) for it in items}
 
     def run(rows: list[int], strict: bool) -> dict[int, list[int]]:
-        params: dict[str, Any] = {"temperature": 0.0, "max_tokens": budget, "stop_token_ids": stop, "detokenize": False}
-        if cfg.eval.constrained:
-            params["structured_outputs"] = structured_outputs(cfg.data.task, budget, strict)
-        data = [{"row": r, "tokenized_prompt": prompts[r], "sampling_params": params,
-                 **({"model": lora_name} if lora_name else {})} for r in rows]
+        data = request_rows({r: prompts[r] for r in rows}, sampling_params(cfg, stop, strict), lora_name)
         processor = build_processor(config, postprocess=lambda row: {"row": int(row["row"]), "tokens": list(row["generated_tokens"])})
         return {int(r["row"]): [int(t) for t in r["tokens"]] for r in processor(ray.data.from_items(data)).take_all()}
 
@@ -231,10 +243,12 @@ def evaluate_rows(cfg: Config, spec: ModelSpec, items: list[dict[str, Any]], lor
     short = [r for r, t in tokens.items() if finish_reason(t, stop, budget) == "length"]
     if cfg.eval.constrained and cfg.data.task == "news" and short:
         tokens.update(run(short, strict=True))  # the budget-bounded grammar: these close within the budget
+    if set(tokens) != set(prompts):
+        raise RuntimeError(f"vLLM evaluation returned {len(tokens)} of {len(prompts)} rows: rows were lost")
     out = []
     for r in sorted(tokens):
         t, reason = tokens[r], finish_reason(tokens[r], stop, budget)
-        text = tok.decode(t[:-1] if reason == "stop" else t, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = tok.decode(t[:-1] if t and t[-1] in stop else t, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         out.append({"row": r, "output": text, "n_new_tokens": len(t), "finish_reason": reason})
     return out
 

@@ -167,9 +167,9 @@ def _eval_cfg(*extra: str):
 def test_processor_config_is_accepted_by_ray_data_llm():
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    from newsray.inference import resolve_model_ref
+    from newsray.generation.refs import resolve_model_ref
 
-    cfg = _eval_cfg("eval.gpus_per_actor=0.5", "eval.constrained=true", "model.dtype=bfloat16")
+    cfg = _eval_cfg("eval.gpus_per_actor=0.5", "eval.constrained=true", "model.dtype=bfloat16", "eval.dtype=model")
     spec = resolve_model_ref("baseline", cfg)
     pc = nv.processor_config(cfg, spec, "/models/merged")
     assert isinstance(pc, vLLMEngineProcessorConfig)
@@ -187,12 +187,13 @@ def test_processor_config_is_accepted_by_ray_data_llm():
     assert tp.engine_kwargs["tensor_parallel_size"] == 2 and "gpu_memory_utilization" not in tp.engine_kwargs
     assert tp.placement_group_config["bundle_per_worker"] == {"CPU": 0.75, "GPU": 1.0}
     assert "structured_outputs_config" not in tp.engine_kwargs
+    assert tp.engine_kwargs["dtype"] == "auto"  # eval.dtype=auto: vLLM picks bf16/fp16 on the GPU itself
     with pytest.raises(ConfigError, match="fraction of one GPU or a whole number"):
         nv.processor_config(_eval_cfg("eval.gpus_per_actor=1.5"), spec, "/m")
 
 
 def test_processor_config_lora_from_object_storage():
-    from newsray.inference import resolve_model_ref
+    from newsray.generation.refs import resolve_model_ref
 
     cfg = _eval_cfg("eval.gpus_per_actor=1", "lora.r=16")
     spec = resolve_model_ref("baseline", cfg)
@@ -209,7 +210,7 @@ def test_build_processor_maps_actor_resources_and_rows_survive_arrow():
     """Ray's processor builder (no vLLM needed to build it) turns the bundle into the engine actors' resources."""
     from ray.data.llm import build_processor
 
-    from newsray.inference import resolve_model_ref
+    from newsray.generation.refs import resolve_model_ref
     from newsray.raycluster import init_ray
 
     ray = init_ray(load_config(None, ["ray.num_cpus=2", "ray.object_store_memory_mb=256"]))
@@ -244,7 +245,7 @@ def test_merged_model_dir_equals_base_plus_adapter(embedded_model, tmp_path, mon
     from transformers import AutoModelForCausalLM
 
     from newsray.config import ModelConfig
-    from newsray.inference import ModelSpec
+    from newsray.generation.refs import ModelSpec
 
     monkeypatch.setenv("NEWSRAY_CACHE_DIR", str(tmp_path / "cache"))
     model_cfg = ModelConfig(name=embedded_model.source, dtype="float32")

@@ -46,7 +46,7 @@ from newsray.errors import ConfigError
 
 if TYPE_CHECKING:
     from newsray.config import Config
-    from newsray.inference import ModelSpec
+    from newsray.generation.refs import ModelSpec
 
 ENGINES = ("auto", "newsray", "vllm")
 OBJECT_STORAGE = ("s3://", "gs://", "abfss://", "azure://")  # what Serve LLM's LoraConfig accepts
@@ -138,6 +138,12 @@ def _lora_rank(cfg: Config) -> int:
     return max(8, 1 << (r - 1).bit_length())
 
 
+def _vllm_dtype(choice: str, model_dtype: str) -> str:
+    """eval.dtype / serve.dtype -> vLLM's dtype: model = model.dtype; auto stays auto (vLLM then runs a float32
+    checkpoint in bfloat16 where the GPU has it, else float16: newsray's rule for a CUDA GPU)."""
+    return model_dtype if choice == "model" else choice
+
+
 def _bundle(cpus: float, gpus: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """(engine kwargs, placement_group_config) for one actor/replica with `cpus` CPUs and `gpus` GPUs."""
     if gpus > 1 and gpus != int(gpus):
@@ -155,7 +161,7 @@ def processor_config(cfg: Config, spec: ModelSpec, model_source: str, lora_uri: 
 
     e = cfg.eval
     kwargs, placement = _bundle(e.cpus_per_actor, e.gpus_per_actor)
-    kwargs.update(dtype=spec.model.dtype, max_model_len=spec.model.max_seq_length, enable_prefix_caching=True)
+    kwargs.update(dtype=_vllm_dtype(e.dtype, spec.model.dtype), max_model_len=spec.model.max_seq_length, enable_prefix_caching=True)
     if e.constrained:
         kwargs["structured_outputs_config"] = {"backend": "guidance"}
     lora_root = None
@@ -189,13 +195,13 @@ def merged_model_dir(spec: ModelSpec) -> str:
         if not (out / "config.json").is_file():
             from peft import PeftModel
 
-            from newsray.inference import _load_tokenizer
+            from newsray.generation.generator import load_tokenizer_for
             from newsray.models import load_model
 
             model = PeftModel.from_pretrained(load_model(spec.model, "cpu"), str(spec.adapter_dir)).merge_and_unload()
             tmp = out.with_name(out.name + ".tmp")
             model.save_pretrained(str(tmp))
-            _load_tokenizer(spec).save_pretrained(str(tmp))
+            load_tokenizer_for(spec).save_pretrained(str(tmp))
             tmp.rename(out)
     return str(out)
 
@@ -224,9 +230,9 @@ def evaluate_rows(cfg: Config, spec: ModelSpec, items: list[dict[str, Any]], lor
     from ray.data.llm import build_processor
 
     from newsray.formatting import Formatter
-    from newsray.inference import _load_tokenizer
+    from newsray.generation.generator import load_tokenizer_for
 
-    tok = _load_tokenizer(spec)
+    tok = load_tokenizer_for(spec)
     fmt = Formatter.for_tokenizer(tok, spec.model.max_seq_length)
     stop, budget = fmt.stop_token_ids(), cfg.eval.max_new_tokens
     base = spec if lora_uri is None else replace(spec, adapter_dir=None)  # object-storage LoRA: vLLM loads the base
@@ -277,7 +283,7 @@ def llm_config(cfg: Config, model_ref: str) -> dict[str, Any]:
     s = cfg.serve
     base_id = re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.model.name)
     kwargs, placement = _bundle(s.cpus_per_replica, s.gpus_per_replica)
-    kwargs.update(dtype=cfg.model.dtype if s.dtype == "model" else s.dtype, max_model_len=cfg.model.max_seq_length)
+    kwargs.update(dtype=_vllm_dtype(s.dtype, cfg.model.dtype), max_model_len=cfg.model.max_seq_length)
     if s.constrained:
         kwargs["structured_outputs_config"] = {"backend": "guidance"}
     if s.max_replicas:

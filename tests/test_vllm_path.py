@@ -284,6 +284,8 @@ def test_llm_config_is_accepted_by_ray_serve_llm(embedded_model):
     assert lc.accelerator_config.kind == "gpu"  # inferred by Ray from the bundle
     assert lc.placement_group_config["bundle_per_worker"] == {"CPU": 4.0, "GPU": 1.0}
     assert lc.engine_kwargs["dtype"] == cfg.model.dtype and lc.lora_config is None
+    named = load_config(None, ["serve.model_name=news-champion", "serve.gpus_per_replica=1"])
+    assert LLMConfig(**nv.llm_config(named, "baseline")).model_id == "news-champion"
 
     auto = LLMConfig(**nv.llm_config(load_config(None, ["serve.max_replicas=3", "serve.gpus_per_replica=1"]), "baseline"))
     assert auto.deployment_config["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8.0}

@@ -281,7 +281,7 @@ def llm_config(cfg: Config, model_ref: str) -> dict[str, Any]:
     from newsray.models import prepare_model
 
     s = cfg.serve
-    base_id = re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.model.name)
+    base_id = s.model_name or re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.model.name)
     kwargs, placement = _bundle(s.cpus_per_replica, s.gpus_per_replica)
     kwargs.update(dtype=_vllm_dtype(s.dtype, cfg.model.dtype), max_model_len=cfg.model.max_seq_length)
     if s.constrained:
@@ -312,7 +312,8 @@ def llm_config(cfg: Config, model_ref: str) -> dict[str, Any]:
 def build_serve_app(cfg: Config, model_ref: str) -> Any:
     """The Ray Serve application (OpenAI-compatible routes) serving `model_ref` with vLLM: `serve.run(app)`.
 
-    A LoRA adapter `s3://.../<name>` is requested as model `<base id>:<name>`.
+    A LoRA adapter `s3://.../<name>` is requested as model `<base id>:<name>`. The caller starts Serve's HTTP
+    proxy on serve.host / serve.port (`serve.start(http_options=...)`) before `serve.run`.
     """
     from ray.serve.llm import LLMConfig, build_openai_app
 

@@ -175,7 +175,7 @@ def _describe(exc: BaseException) -> str:
 def _safe(model_id: str) -> str:
     import re
 
-    return re.sub(r"[^A-Za-z0-9._-]", "_", model_id)
+    return re.sub(r"[^A-Za-z0-9_-]", "_", model_id)  # no '.', '/': a model id cannot leave the storage directory
 
 
 def _check_name(name: str) -> str:

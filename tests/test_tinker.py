@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("tinker")
-
-from newsray.config import load_config  # noqa: E402
+from newsray.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "tml-newsray-test-key"

@@ -225,6 +225,9 @@ def test_newsray_train_resumes_and_the_adapter_evaluates(server, tmp_path, data_
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     steps = {m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")}
     assert steps == {3, 4} and client.get_metric_history(result.mlflow_run_id, "resumed_from_step")[0].value == 2
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.params["derived.learning_rate"] == "0.001" and run.data.tags["newsray.learning_rate_source"] == "config"
+    assert KEY not in json.dumps(run.data.params) + json.dumps(run.data.tags)  # the key is never logged
     for key in ("lr", "tokens_per_s"):
         assert all(m.value > 0 for m in client.get_metric_history(result.mlflow_run_id, key))
 
@@ -232,3 +235,46 @@ def test_newsray_train_resumes_and_the_adapter_evaluates(server, tmp_path, data_
                              "ray.object_store_memory_mb=256", "eval.cpus_per_actor=1"])
     res = evaluate(cfg, result.adapter_uri, tmp_path / "eval")  # from the MLflow artefact, as `newsray evaluate -m runs:/...`
     assert res.aggregates["n"] == 2 and "accuracy" in res.aggregates
+
+
+def test_learning_rate_default_from_the_cookbook(tmp_path, data_dir):
+    """tinker-cookbook's get_lr where it knows the service model and the config sets no rate; else the config's."""
+    from newsray.train.backends.tinker import default_learning_rate
+
+    lr, source = default_learning_rate(load_config(None, ["tinker.base_model=meta-llama/Llama-3.2-1B"]))
+    assert lr == pytest.approx(4.908e-4, rel=1e-3) and source == "tinker_cookbook.hyperparam_utils.get_lr"
+    lr, source = default_learning_rate(load_config(None, ["tinker.base_model=meta-llama/Llama-3.2-1B", "train.learning_rate=3e-4"]))
+    assert (lr, source) == (3e-4, "config")
+    lr, source = default_learning_rate(load_config(None, []))  # SmolLM2: the cookbook has no formula for it
+    assert lr == 2e-4 and source == "config (get_lr: ConfigurationError)"
+
+
+@pytest.mark.slow
+def test_cookbook_supervised_train_runs_against_the_server(server, tmp_path, data_dir, smollm2_tokenizer):
+    """tinker-cookbook's own supervised `train.main` (local conversations file, role_colon renderer) against the server."""
+    import asyncio
+
+    from tinker_cookbook import tokenizer_utils
+    from tinker_cookbook.supervised import train as cookbook_train
+    from tinker_cookbook.supervised.data import FromConversationFileBuilder
+    from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
+
+    tokenizer_utils.register_tokenizer(MODEL, lambda: smollm2_tokenizer)  # offline: the local tokenizer, not the hub
+    lines = (data_dir / "news" / "news_train_data.jsonl").read_text().splitlines()[:4]
+    conv = tmp_path / "conversations.jsonl"
+    conv.write_text("".join(json.dumps({"messages": json.loads(line)["messages"]}) + "\n" for line in lines))
+    common = ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=MODEL, renderer_name="role_colon", max_length=1024, batch_size=2)
+    cfg = cookbook_train.Config(log_path=str(tmp_path / "log"), model_name=MODEL, recipe_name="newsray_test", renderer_name="role_colon",
+                                dataset_builder=FromConversationFileBuilder(file_path=str(conv), common_config=common),
+                                learning_rate=1e-3, lora_rank=8, base_url=server["url"], save_every=0, eval_every=0,
+                                infrequent_eval_every=0, max_steps=2)
+    os.environ["TINKER_API_KEY"] = KEY
+    try:
+        asyncio.run(cookbook_train.main(cfg))
+    finally:
+        os.environ.pop("TINKER_API_KEY")
+    metrics = [json.loads(line) for line in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "train_mean_nll" in m] == [0, 1]
+    assert all(0 < m["train_mean_nll"] < 10 for m in metrics if "train_mean_nll" in m)
+    final = json.loads((tmp_path / "log" / "checkpoints.jsonl").read_text().splitlines()[-1])
+    assert final["name"] == "final" and final["sampler_path"].startswith("tinker://") and final["state_path"].startswith("tinker://")

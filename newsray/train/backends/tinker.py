@@ -172,6 +172,10 @@ def train_remote(cfg: Config, data: TrainData, run_dir: Path, mlflow: dict[str, 
     peak, lr_source = default_learning_rate(cfg)
     lrs = _lr_schedule(cfg, peak, max_steps)
     log = _MlflowLogger(mlflow, 0)
+    if log.client is not None:
+        log.client.log_param(log.run_id, "derived.learning_rate", peak)
+        log.client.set_tag(log.run_id, "newsray.learning_rate_source", lr_source)
+        log.client.set_tag(log.run_id, "newsray.tinker_base_url", url)
     batches = ShardedBatches(data.train, cfg.train.per_device_batch_size * cfg.train.grad_accum_steps, 0, 1, cfg.train.seed,
                              data.pad_id, group_by_length=cfg.train.group_by_length)
     state = ck.TrainerState(max_steps=max_steps, micro_batches_per_epoch=batches.per_epoch, seed=cfg.train.seed,

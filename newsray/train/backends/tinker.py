@@ -128,6 +128,8 @@ class TinkerBackend:
             raise ConfigError(f"train.backend=tinker needs the Tinker SDK: run `{INSTALL}`.")
         if cfg.train.deepspeed or cfg.model.load_in_4bit:
             raise ConfigError("train.deepspeed and model.load_in_4bit do not apply to train.backend=tinker (the service owns the GPUs); remove them.")
+        if cfg.train.optimizer != "adamw_torch":
+            raise ConfigError(f"train.optimizer={cfg.train.optimizer}: the Tinker service's optimizer is AdamW; set train.optimizer=adamw_torch.")
         lora_flags(cfg)
         probe(cfg, base_url(cfg), api_key(cfg))
 

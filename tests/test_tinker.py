@@ -236,6 +236,15 @@ def test_newsray_train_resumes_and_the_adapter_evaluates(server, tmp_path, data_
     res = evaluate(cfg, result.adapter_uri, tmp_path / "eval")  # from the MLflow artefact, as `newsray evaluate -m runs:/...`
     assert res.aggregates["n"] == 2 and "accuracy" in res.aggregates
 
+    from newsray.inference import load_generator
+    from newsray.serving import served_spec
+
+    spec = served_spec(str(result.adapter_dir), cfg, "cpu")  # what a Serve replica resolves and loads
+    assert spec.adapter_dir == result.adapter_dir and spec.model.name == MODEL
+    gen = load_generator(str(result.adapter_dir), cfg, spec=spec)
+    (answer,) = gen.generate([[{"role": "user", "content": "Classify: Stocks rallied after the rate decision."}]], max_new_tokens=4)
+    assert answer.n_new_tokens > 0 and answer.finish_reason in ("stop", "length", "json_end")
+
 
 def test_learning_rate_default_from_the_cookbook(tmp_path, data_dir):
     """tinker-cookbook's get_lr where it knows the service model and the config sets no rate; else the config's."""

@@ -193,6 +193,7 @@ class TinkerConfig(_Section):
     api_key_file: str | None = Field(None, description="File holding the Tinker API key (e.g. a mounted secret), read when $TINKER_API_KEY is unset or empty; the key is never logged.")
     base_model: str | None = Field(None, description="The model's name at the Tinker service (e.g. meta-llama/Llama-3.2-1B); None = model.name. model.name must load the same tokenizer locally.")
     connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to wait for the service's health check before giving up (the SDK alone would retry for ~300 s).")
+    cookbook_lr: bool | None = Field(None, description="Peak LR from tinker-cookbook's get_lr for the service model (where it knows it): true = always, false = never, None = only when the config sets no train.learning_rate.")
 
 
 class RayConfig(_Section):

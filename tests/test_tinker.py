@@ -254,6 +254,11 @@ def test_learning_rate_default_from_the_cookbook(tmp_path, data_dir):
     assert lr == pytest.approx(4.908e-4, rel=1e-3) and source == "tinker_cookbook.hyperparam_utils.get_lr"
     lr, source = default_learning_rate(load_config(None, ["tinker.base_model=meta-llama/Llama-3.2-1B", "train.learning_rate=3e-4"]))
     assert (lr, source) == (3e-4, "config")
+    lr, source = default_learning_rate(load_config(None, ["tinker.base_model=meta-llama/Llama-3.2-1B", "train.learning_rate=3e-4",
+                                                          "tinker.cookbook_lr=true"]))
+    assert lr == pytest.approx(4.908e-4, rel=1e-3)
+    lr, source = default_learning_rate(load_config(None, ["tinker.base_model=meta-llama/Llama-3.2-1B", "tinker.cookbook_lr=false"]))
+    assert (lr, source) == (2e-4, "config")
     lr, source = default_learning_rate(load_config(None, []))  # SmolLM2: the cookbook has no formula for it
     assert lr == 2e-4 and source == "config (get_lr: ConfigurationError)"
 

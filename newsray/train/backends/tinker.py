@@ -82,8 +82,13 @@ def probe(cfg: Config, url: str, key: str) -> list[str]:
 
 
 def default_learning_rate(cfg: Config) -> tuple[float, str]:
-    """tinker-cookbook's get_lr for the service model when the config sets no learning rate and the cookbook knows the model."""
-    if "learning_rate" in cfg.train.model_fields_set:
+    """(peak learning rate, where it came from): tinker-cookbook's get_lr for the service model, or train.learning_rate.
+
+    tinker.cookbook_lr: true = the cookbook's where it knows the model; false = the config's;
+    None = the cookbook's only when the config does not set train.learning_rate.
+    """
+    use = cfg.tinker.cookbook_lr if cfg.tinker.cookbook_lr is not None else "learning_rate" not in cfg.train.model_fields_set
+    if not use:
         return cfg.train.learning_rate, "config"
     if importlib.util.find_spec("tinker_cookbook") is None:
         return cfg.train.learning_rate, "config (tinker-cookbook not installed)"
@@ -234,8 +239,14 @@ def train_remote(cfg: Config, data: TrainData, run_dir: Path, mlflow: dict[str, 
         adapter_dir = _export(cfg, tc, url, key, run_dir, state, load_tokenizer(cfg.model))
         status = "success"
         return adapter_dir, last
+    except BaseException as e:
+        status = "errored" if isinstance(e, Exception) else "interrupted"
+        raise
     finally:
-        service.close(status).result()
+        try:
+            service.close(status).result(timeout=30)  # ends the session at the service (frees its models)
+        except Exception as e:  # noqa: BLE001 - the run's outcome is already decided; say it and go on
+            print(f"newsray: could not close the Tinker session ({type(e).__name__})", file=sys.stderr)
 
 
 def _save_state(tc: Any, run_dir: Path, state: Any) -> None:

@@ -36,7 +36,7 @@ def _parse(model: Any, body: bytes, endpoint: str) -> Any:
         raise P.ProtocolError(f"{endpoint}: {where}: {first['msg']}") from None
 
 
-def add_routes(app: Any, state: State) -> None:  # noqa: C901 - one flat table of endpoints reads best
+def add_routes(app: Any, state: State) -> None:
     from tinker import types as T
 
     settings = state.settings

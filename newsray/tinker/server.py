@@ -16,9 +16,9 @@ import json
 import secrets
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from newsray.tinker import protocol as P
@@ -94,12 +94,9 @@ class State:
         task = self.futures.get(request_id)
         if task is None:
             raise P.NotFound(f"unknown request_id {request_id!r}")
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout)
-        except TimeoutError:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
             return "pending", None
-        except Exception:  # noqa: BLE001 - reported below as the request's failure
-            pass
         exc = task.exception()
         if exc is not None:
             return "error", _describe(exc)

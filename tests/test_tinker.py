@@ -292,3 +292,68 @@ def test_cookbook_supervised_train_runs_against_the_server(server, tmp_path, dat
     assert all(0 < m["train_mean_nll"] < 10 for m in metrics if "train_mean_nll" in m)
     final = json.loads((tmp_path / "log" / "checkpoints.jsonl").read_text().splitlines()[-1])
     assert final["name"] == "final" and final["sampler_path"].startswith("tinker://") and final["state_path"].startswith("tinker://")
+
+
+def test_protocol_round_trips_with_the_sdks_own_codecs():
+    """The server decodes what the SDK encodes, and the SDK decodes what the server encodes (fwd/bwd, sample)."""
+    import numpy as np
+    from tinker import types
+    from tinker.proto.request_conv import forward_backward_request_to_proto
+    from tinker.proto.response_conv import deserialize_forward_backward_output, deserialize_sample_response
+
+    from newsray.tinker import protocol as P
+
+    d = types.Datum(model_input=types.ModelInput.from_ints([5, 6, 7]), loss_fn_inputs={
+        "target_tokens": types.TensorData(data=[6, 7, 8], dtype="int64", shape=[3]),
+        "weights": types.TensorData(data=[0.0, 1.0, 1.0], dtype="float32", shape=[3])})
+    req = types.ForwardBackwardRequest(forward_backward_input=types.ForwardBackwardInput(data=[d, d], loss_fn="cross_entropy"),
+                                       model_id="m", seq_id=3)
+    msg, datums = P.parse_forward_backward(forward_backward_request_to_proto(req).SerializeToString())
+    assert (msg.model_id, msg.seq_id, len(datums)) == ("m", 3, 2)
+    assert (datums[0].tokens, datums[0].target_tokens, datums[0].weights) == ([5, 6, 7], [6, 7, 8], [0.0, 1.0, 1.0])
+    bad = types.ForwardBackwardRequest(forward_backward_input=types.ForwardBackwardInput(data=[d], loss_fn="importance_sampling"),
+                                       model_id="m", seq_id=1)
+    with pytest.raises(P.ProtocolError, match="importance_sampling"):
+        P.parse_forward_backward(forward_backward_request_to_proto(bad).SerializeToString())
+    with pytest.raises(P.ProtocolError, match="not a tinker ForwardBackwardRequest"):
+        P.parse_forward_backward(b"\xff\xff\xff")
+
+    lp = [np.array([-1.0, -2.0, -3.0], np.float32), np.array([-0.5], np.float32)]
+    out = deserialize_forward_backward_output(P.forward_backward_output(lp, [-x for x in lp], 6.5))
+    assert out.metrics == {"loss:sum": 6.5} and len(out.loss_fn_outputs) == 2
+    assert list(out.loss_fn_outputs[0]["logprobs"].data) == [-1.0, -2.0, -3.0] and out.loss_fn_outputs[1]["logprobs"].shape == [1]
+    s = deserialize_sample_response(P.sample_output([{"tokens": [1, 2], "logprobs": [-0.1, -0.2], "stop_reason": "stop"}], None))
+    assert s.sequences[0].tokens == [1, 2] and s.sequences[0].stop_reason == "stop"
+
+    assert P.parse_tinker_path(P.tinker_path("s:train:0", "state", "step-2")) == ("s:train:0", "state", "step-2")
+    with pytest.raises(P.ProtocolError):
+        P.parse_tinker_path("tinker://run/weights/a/../../b")
+
+
+def test_training_requests_run_in_seq_id_order(tmp_path):
+    """Requests of one model that arrive out of order run in seq_id order; a repeated seq_id is the same future."""
+    import asyncio
+
+    from newsray.tinker.server import Settings, State, TrainModel
+
+    async def scenario() -> list[int]:
+        state = State(Settings({MODEL: MODEL}, tmp_path, None), actor=None)
+        state.models["m"] = TrainModel("m", "s", MODEL, 8)
+        ran: list[int] = []
+
+        def call(i: int):
+            async def run() -> int:
+                ran.append(i)
+                return i
+            return run
+
+        r3, r2 = state.submit_ordered("m", 3, call(3)), state.submit_ordered("m", 2, call(2))
+        await asyncio.sleep(0.05)
+        assert ran == []  # seq 1 has not arrived: nothing may run before it
+        assert state.submit_ordered("m", 2, call(99)) == r2
+        r1 = state.submit_ordered("m", 1, call(1))
+        results = [await state.result(r) for r in (r1, r2, r3)]
+        assert results == [("ok", 1), ("ok", 2), ("ok", 3)]
+        return ran
+
+    assert asyncio.run(scenario()) == [1, 2, 3]

@@ -299,7 +299,10 @@ def test_protocol_round_trips_with_the_sdks_own_codecs():
     import numpy as np
     from tinker import types
     from tinker.proto.request_conv import forward_backward_request_to_proto
-    from tinker.proto.response_conv import deserialize_forward_backward_output, deserialize_sample_response
+    from tinker.proto.response_conv import (
+        deserialize_forward_backward_output,
+        deserialize_sample_response,
+    )
 
     from newsray.tinker import protocol as P
 

@@ -240,6 +240,27 @@ def pipeline_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[st
     out.print(table)
 
 
+@app.command("tinker-server")
+def tinker_server_cmd(port: int = typer.Option(..., "--port", help="TCP port (0 = a free one, printed on start)."),
+                      host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback unless you mean it)."),
+                      storage: Path = typer.Option(Path("runs/tinker-server"), "--storage", help="Directory for checkpoints (PEFT adapter directories)."),
+                      model: Optional[list[str]] = typer.Option(None, "--model", help="A base model to offer: NAME (newsray registry name, hub id or local dir) or SERVED_NAME=NAME; repeatable (default: the embedded SmolLM2)."),
+                      api_key_env: str = typer.Option("TINKER_API_KEY", "--api-key-env", help="Environment variable holding the API key clients must send (X-API-Key)."),
+                      api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="File holding the API key, read when the variable is unset or empty."),
+                      no_auth: bool = typer.Option(False, "--no-auth", help="Accept any client (loopback experiments only)."),
+                      cpus: float = typer.Option(1.0, "--cpus", help="CPUs of the worker actor (torch threads follow it)."),
+                      gpus: float = typer.Option(0.0, "--gpus", help="GPUs of the worker actor (1 on a GPU node)."),
+                      max_body_mb: int = typer.Option(64, "--max-body-mb", help="Largest accepted request body, in MiB (413 above)."),
+                      ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to run the worker on (default $RAY_ADDRESS, else an in-process Ray).")) -> None:
+    """Serve the Tinker API (the part the SDK uses for supervised LoRA training and sampling) backed by a Ray actor (docs/TRAINING.md)."""
+    from newsray.tinker.cli import run_server
+
+    run_server(port=port, host=host, storage=storage, models=model or [], api_key_env=api_key_env, api_key_file=api_key_file,
+               no_auth=no_auth, cpus=cpus, gpus=gpus, max_body_mb=max_body_mb, ray_address=ray_address,
+               on_ready=lambda url, names: out.print(f"newsray tinker-server: listening on {url} (models: {', '.join(names)})",
+                                                     markup=False, highlight=False))
+
+
 def main() -> None:
     """Console entry point: user errors become one red line and exit code 2, without a traceback."""
     try:

@@ -195,6 +195,14 @@ class TrackingConfig(_Section):
     registered_model: str | None = Field(None, description="Model Registry name; None = newsray-<task>.")
 
 
+class TinkerConfig(_Section):
+    base_url: str | None = Field(None, description="Tinker API URL (the managed service, or `newsray tinker-server`); None = $TINKER_BASE_URL, else the SDK's default (the managed service).")
+    api_key_file: str | None = Field(None, description="File holding the Tinker API key (e.g. a mounted secret), read when $TINKER_API_KEY is unset or empty; the key is never logged.")
+    base_model: str | None = Field(None, description="The model's name at the Tinker service (e.g. meta-llama/Llama-3.2-1B); None = model.name. model.name must load the same tokenizer locally.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to wait for the service's health check before giving up (the SDK alone would retry for ~300 s).")
+    cookbook_lr: bool | None = Field(None, description="Peak LR from tinker-cookbook's get_lr for the service model (where it knows it): true = always, false = never, None = only when the config sets no train.learning_rate.")
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="Cluster address; None = $RAY_ADDRESS, else an in-process Ray.")
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the in-process Ray (None = all).")
@@ -215,6 +223,7 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve deployment.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
+    tinker: TinkerConfig = Field(default_factory=TinkerConfig, description="The Tinker remote training API (train.backend=tinker).")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster connection.")
 
     def to_yaml(self) -> str:
@@ -229,7 +238,8 @@ class Config(_Section):
 # Loading
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_PATH_FIELDS = (("data", "root"), ("train", "storage_path"), ("tracking", "run_dir"), ("model", "chat_template"), ("train", "deepspeed"), ("serve", "auth_token_file"))
+_PATH_FIELDS = (("data", "root"), ("train", "storage_path"), ("tracking", "run_dir"), ("model", "chat_template"), ("train", "deepspeed"), ("serve", "auth_token_file"),
+               ("tinker", "api_key_file"))
 
 
 def _flatten(d: dict, prefix: str = ""):

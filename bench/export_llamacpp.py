@@ -108,7 +108,7 @@ def main() -> None:
            "limits": [r.n_new_tokens if r.finish_reason == "json_end" else args.max_new_tokens for r, _ in ours]}
     here = Path(__file__).resolve()
     proc = subprocess.run([args.llama_python, str(here), "--worker"], input=json.dumps(job), capture_output=True, text=True,
-                          timeout=3600, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+                          check=False, timeout=3600, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if proc.returncode:
         sys.exit(f"llama.cpp worker failed:\n{proc.stderr[-3000:]}")
     lc = json.loads(proc.stdout)

@@ -109,11 +109,11 @@ def test_merged_loads_with_plain_transformers_and_generates_the_same_text(tuned_
 
 # ------------------------------------------------------------------ gguf
 
-# Max |logit difference| over every position of two news prompts, relative to the logits' range
-# (max - min), between the merged fp32 model and the GGUF loaded back by transformers. Measured on
-# this adapter: f16 ~2e-4, bf16 ~5e-3, q8_0 ~6e-3 (the bounds below leave about 2-4x headroom);
-# the greedy next token agrees at >= 97% of positions for every type.
-TOLERANCE = {"f16": 1e-3, "bf16": 2e-2, "q8_0": 2e-2}
+# (max |logit difference| over every position of two news prompts / the logits' range, share of
+# positions whose greedy next token agrees), between the merged fp32 model and the GGUF loaded back
+# by transformers. Measured on this adapter (worst of the two prompts, docs/EXPORT.md): f16 7.8e-4 /
+# 1.000, bf16 4.3e-3 / 0.986, q8_0 1.7e-2 / 0.965; the bounds leave headroom over those.
+TOLERANCE = {"f16": (2e-3, 0.99), "bf16": (1.5e-2, 0.95), "q8_0": (4e-2, 0.93)}
 
 
 @pytest.mark.slow
@@ -139,7 +139,7 @@ def test_gguf_loads_back_with_the_merged_models_logits(quant, tuned_gen, trained
         rel = ((ref - got).abs().max() / (ref.max() - ref.min())).item()
         agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
         print(f"{quant}: max |dlogit| / range = {rel:.2e}, argmax agreement {agree:.3f}")
-        assert rel < TOLERANCE[quant] and agree >= 0.97, (rel, agree)
+        assert rel < TOLERANCE[quant][0] and agree >= TOLERANCE[quant][1], (rel, agree)
 
 
 @pytest.mark.slow
@@ -291,7 +291,7 @@ def test_user_errors_are_one_sentence(embedded_model, data_dir, tmp_path):
     # The console script: one red line, exit code 2, no traceback.
     cli = str(Path(sys.executable).with_name("newsray"))
     r = subprocess.run([cli, "export", "--model", "baseline", "--format", "zip", "--out", str(tmp_path / "c")],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "NEWSRAY_DATA_DIR": str(data_dir)})
+                       check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "NEWSRAY_DATA_DIR": str(data_dir)})
     assert r.returncode == 2 and "Traceback" not in r.stderr and "not an export format" in r.stderr, r.stderr
     assert len([line for line in r.stderr.splitlines() if line.strip()]) == 1
 

@@ -16,7 +16,6 @@ What llama.cpp's own converter (convert_hf_to_gguf.py, its LlamaModel) does, don
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +129,9 @@ def write_gguf(model: Any, tokenizer: Any, tokenizer_dir: Path, path: Path, quan
     special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=len(tokens))
     if not special.merges:
         raise ModelError(f"the tokenizer in {tokenizer_dir} has no BPE merges (tokenizer.json); GGUF export needs a BPE tokenizer.")
+    if "bos" not in special.add_special_token:  # say it, as llama.cpp's converter does for SmolLM2: its default differs
+        probe = tokenizer("a")["input_ids"]
+        special.add_special_token["bos"] = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
     special.add_to_gguf(w, quiet=True)
 
     tmap = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
@@ -172,7 +174,6 @@ def read_metadata(path: Path) -> dict[str, Any]:
         else:
             try:
                 out[key] = field.contents()
-            except Exception:  # noqa: BLE001 - an exotic field type: leave it out of the summary
+            except Exception:  # noqa: BLE001, S112 - an exotic field type: leave it out of the summary
                 continue
-    json.dumps(out, default=str)  # summaries must stay serialisable
     return out

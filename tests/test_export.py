@@ -303,3 +303,6 @@ def test_manifest_names_where_it_came_from(embedded_model, data_dir, tmp_path):
     assert manifest["model_ref"] == "baseline" and manifest["format"] == "gguf" and manifest["type"] == "f32"
     assert manifest["stop_tokens"] == ["<|im_end|>"] and res.artifact_uri is None
     assert manifest["tensor_types"] == {"F32": 272}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert res.out_dir.stat().st_mode & 0o777 == 0o777 & ~umask  # an ordinary directory, not mkdtemp's private one

@@ -184,6 +184,9 @@ def export(cfg: Config, model_ref: str, fmt: str, out: Path | str, quant: str = 
     label = f"{fmt}-{dtype}" if fmt == "merged" else f"{fmt}-{quant}"
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    stage.chmod(0o777 & ~umask)  # mkdtemp makes it private; --out is an ordinary directory
     counts: dict[str, int] = {}
     try:
         gguf_name = f"{slug}-{quant}.gguf"

@@ -113,7 +113,7 @@ def _ollama(cfg: Config, gen: Any, spec: Any, stage: Path, gguf_name: str, quant
     header = [f"newsray export of {spec.ref} (task {cfg.data.task}, base {spec.model.name}, {quant}).",
               "Send the user turn as newsray builds it (prompt.txt: the task's prompt and answer format), e.g.:",
               *("  " + line for line in prompt.splitlines()),
-              "Build it: ollama create <name> -f {this file}"]
+              "Build it: ollama create <name> -f Modelfile"]
     ctx = spec.model.max_seq_length
     (stage / "Modelfile").write_text(ollama.modelfile(pieces, f"./{gguf_name}", ctx, header), encoding="utf-8")
     if spec.adapter_dir is not None:
@@ -127,7 +127,7 @@ def _ollama(cfg: Config, gen: Any, spec: Any, stage: Path, gguf_name: str, quant
         base = load_model(spec.model, "cpu")
         write_gguf(base, gen.tokenizer, tok_dir, stage / base_name, quant, f"{name}-base")
         del base
-        note = "Base model + LoRA adapter (Ollama applies it): ollama create <name> -f {this file}"
+        note = "Base model + LoRA adapter (Ollama applies it): ollama create <name> -f Modelfile.adapter"
         text = ollama.modelfile(pieces, f"./{base_name}", ctx, [*header[:-1], note], adapter="./adapter")
         (stage / "Modelfile.adapter").write_text(text, encoding="utf-8")
     shutil.rmtree(tok_dir)

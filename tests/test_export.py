@@ -259,6 +259,12 @@ def test_models_uri_export_is_logged_to_the_versions_run(trained_adapter, data_d
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "exports/gguf-q8_0")}
     assert logged == {f"exports/gguf-q8_0/{f}" for f in res.files}
     assert client.get_model_version("newsray-news", mv.version).tags["newsray.export.gguf-q8_0"] == res.artifact_uri
+    # A runs:/ URI: logged to that run (no model version involved).
+    res = export(cfg, f"runs:/{run.info.run_id}/adapter", "merged", tmp_path / "out2", dtype="bfloat16", progress=lambda m: None)
+    assert res.artifact_uri == f"runs:/{run.info.run_id}/exports/merged-bfloat16" and res.model_version is None
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "exports/merged-bfloat16")}
+    assert "exports/merged-bfloat16/model.safetensors" in logged and "exports/merged-bfloat16/chat_template.jinja" in logged
+    assert json.loads((res.out_dir / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def _other_architecture_adapter(directory: Path) -> Path:

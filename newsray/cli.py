@@ -221,6 +221,26 @@ def tune_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] 
         out.print(f"registered: {g.uri}\nchampion: version {g.champion_version} ({'moved' if g.champion_moved else 'unchanged'}: {g.reason})", markup=False, highlight=False)
 
 
+@app.command("export")
+def export_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
+               model: str = typer.Option(..., "--model", "-m", help="baseline, a PEFT adapter directory, or an MLflow URI (runs:/ID/PATH, models:/NAME@ALIAS, models:/NAME/VERSION)."),
+               fmt: str = typer.Option(..., "--format", "-f", help="merged (HF safetensors dir), gguf (llama.cpp) or ollama (GGUF + Modelfile)."),
+               out_dir: Path = typer.Option(..., "--out", help="A new or empty directory to write into."),
+               quant: str = typer.Option("q8_0", "--quant", help="GGUF tensor type for gguf/ollama: f32, f16, bf16 or q8_0."),
+               dtype: str = typer.Option("float32", "--dtype", help="Weight dtype of --format merged: float32, bfloat16 or float16."),
+               log: bool = typer.Option(True, "--log/--no-log", help="Log the files to MLflow when --model is a runs:/ or models:/ URI.")) -> None:
+    """Export a model for use outside newsray: merged HF weights, GGUF, or an Ollama Modelfile (docs/EXPORT.md)."""
+    from newsray.export import export
+
+    r = export(_load(config, overrides), model, fmt, out_dir, quant=quant, dtype=dtype, log=log,
+               progress=lambda m: err.print(m, markup=False, highlight=False))
+    out.print(f"[green]exported[/green] {escape(r.model_ref)} (base {escape(r.base_model)}) as {r.format}: {escape(str(r.out_dir))}", highlight=False)
+    for f in r.files:
+        out.print(f"  {f}", markup=False, highlight=False)
+    if r.artifact_uri:
+        out.print(f"MLflow: {r.artifact_uri}" + (f" (model version {r.model_version})" if r.model_version else ""), markup=False, highlight=False)
+
+
 @app.command("pipeline")
 def pipeline_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
     """The end-to-end job: tune -> train -> evaluate baseline and tuned -> compare -> register -> serve one request (docs/PIPELINE.md)."""

@@ -4,7 +4,7 @@ Both arms get the same prompts as token ids (newsray's Formatter: the training p
 greedily up to --max-new-tokens, stop on the end-of-turn/EOS ids, and run with the same number
 of threads, one after the other in this run:
 
-  newsray    newsray.inference.load_generator(M).generate([messages], N) per prompt (fp32, merged
+  newsray    newsray.generation.load_generator(M).generate([messages], N) per prompt (fp32, merged
              adapter: what evaluation and serving run), plain decoding (no JSON grammar) but the
              news task's stop when the first JSON object closes.
   llama.cpp  the exported GGUF in llama-cpp-python (`Llama(model_path, n_threads)`, greedy
@@ -85,7 +85,7 @@ def main() -> None:
     import torch
 
     from newsray.config import load_config
-    from newsray.inference import load_generator
+    from newsray.generation import load_generator
     from newsray.tasks import get_task
 
     cpu, flags = _cpu()

@@ -20,7 +20,7 @@ import torch
 from newsray.config import Config, DataConfig, ModelConfig, TrackingConfig
 from newsray.errors import ConfigError, ModelError
 from newsray.export import export
-from newsray.inference import load_generator
+from newsray.generation import load_generator
 from newsray.tasks import get_task
 
 MAX_NEW = 32

@@ -236,7 +236,7 @@ def test_newsray_train_resumes_and_the_adapter_evaluates(server, tmp_path, data_
     res = evaluate(cfg, result.adapter_uri, tmp_path / "eval")  # from the MLflow artefact, as `newsray evaluate -m runs:/...`
     assert res.aggregates["n"] == 2 and "accuracy" in res.aggregates
 
-    from newsray.inference import load_generator
+    from newsray.generation import load_generator
     from newsray.serving import served_spec
 
     spec = served_spec(str(result.adapter_dir), cfg, "cpu")  # what a Serve replica resolves and loads

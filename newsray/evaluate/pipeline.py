@@ -98,14 +98,19 @@ class GeneratorActor:
             "parsed": [json.dumps(parse_output(self.task, r.text)) for r in results],
             "actor_pid": [os.getpid()] * len(results),
             "dtype": [self.dtype] * len(results),
+            "engine": ["newsray"] * len(results),
         }
 
 
 def _generate(cfg: Config, model_ref: str, spec: ModelSpec, examples: list[Example]) -> list[dict[str, Any]]:
-    """Run the actor pool over the examples; rows in test-set order, each exactly once."""
+    """Run the actor pool (or vLLM's processor, eval.engine) over the examples; rows in test-set order, each exactly once."""
     import ray
 
+    from newsray.generation import vllm
+
     items = [{"row": i, "messages": json.dumps(ex.messages())} for i, ex in enumerate(examples)]
+    if vllm.choose(cfg.eval.engine, cfg.eval.gpus_per_actor) == "vllm":
+        return _vllm_rows(cfg, spec, items)
     items.sort(key=lambda it: len(it["messages"]))  # similar lengths batch together (less padding); "row" restores order
     e = cfg.eval
     # Rows per actor call: enough to keep the engine's eval.batch_size slots full (continuous batching
@@ -133,6 +138,21 @@ def _generate(cfg: Config, model_ref: str, spec: ModelSpec, examples: list[Examp
         dup = sorted({g for g in got if got.count(g) > 1})
         raise RuntimeError(f"evaluation lost rows {missing[:10]} or duplicated rows {dup[:10]} of {len(examples)}")
     return rows
+
+
+def _vllm_rows(cfg: Config, spec: ModelSpec, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """eval.engine=vllm: the rows through ray.data.llm (newsray.generation.vllm), in the actor pool's row layout."""
+    from newsray.formatting import Formatter
+    from newsray.generation import load_tokenizer_for, vllm
+
+    spec = on_device(spec, cfg.eval.dtype, "cuda")
+    fmt = Formatter.for_tokenizer(load_tokenizer_for(spec), spec.model.max_seq_length)
+    t0 = time.perf_counter()
+    out = vllm.evaluate_rows(cfg, spec, items)
+    latency = time.perf_counter() - t0
+    messages = {it["row"]: json.loads(it["messages"]) for it in items}
+    return [r | {"prompt": fmt.prompt(messages[r["row"]]), "latency_s": latency, "parsed": json.dumps(parse_output(cfg.data.task, r["output"])),
+                 "actor_pid": 0, "dtype": spec.model.dtype, "engine": "vllm"} for r in out]
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -246,7 +266,7 @@ def evaluate(cfg: Config, model_ref: str = "baseline", out_dir: Path | None = No
     info = {"task": task.name, "split": split, "model_ref": model_ref, "base_model": spec.model.name, "constrained": cfg.eval.constrained,
             "max_new_tokens": cfg.eval.max_new_tokens, "n": len(examples), "wall_s": time.perf_counter() - t0,
             "generation_s": gen_s, "batch_size": cfg.eval.batch_size, "num_actors": cfg.eval.num_actors,
-            "dtype": rows[0]["dtype"], "engine": "newsray",
+            "dtype": rows[0]["dtype"], "engine": rows[0]["engine"],
             "newsray_version": newsray.__version__, "git_commit": git_commit()}
     _dump(out / "eval_info.json", info)
     run_id = _log_mlflow(cfg, model_ref, out, aggregates, info, task.data_hashes())

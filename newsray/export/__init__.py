@@ -171,7 +171,7 @@ def export(cfg: Config, model_ref: str, fmt: str, out: Path | str, quant: str = 
            log: bool = True, progress: Callable[[str], None] = _stderr) -> ExportResult:
     """Export `model_ref` as `fmt` into the new or empty directory `out` (see the module docstring)."""
     from newsray.export.gguf_file import write_gguf
-    from newsray.inference import load_generator, model_slug, resolve_model_ref
+    from newsray.generation import load_generator, model_slug, resolve_model_ref
 
     out = Path(out).expanduser().resolve()
     _check_args(fmt, quant, dtype, out)

@@ -7,6 +7,7 @@ Modules, each owning one thing (imports flow downwards, no cycles):
 - engine.py     continuous batching over a preallocated slot KV cache (Engine, SlotCache)
 - generator.py  a loaded model for a task: prompts -> engine -> GenerationResult; load_generator
 - pool.py       one unmerged base shared by several LoRA adapters (SharedBase, Serve multiplexing)
+- vllm.py       the GPU path through Ray's LLM APIs (ray.data.llm, ray.serve.llm): eval.engine / serve.engine
 """
 
 from newsray.generation.engine import Engine, Request, SlotCache

@@ -285,8 +285,13 @@ ModelDeployment = serve.deployment(ModelServer, name=MODEL_DEPLOYMENT)
 
 
 def build_app(cfg: Config, model_ref: str) -> Any:
-    """The Serve application (ingress -> model deployment) for `model_ref` plus serve.adapters."""
+    """The Serve application (ingress -> model deployment) for `model_ref` plus serve.adapters;
+    with serve.engine=vllm (GPU replicas) Ray Serve LLM's OpenAI app instead (newsray.generation.vllm)."""
+    from newsray.generation import vllm
+
     s = cfg.serve
+    if vllm.choose(s.engine, s.gpus_per_replica) == "vllm":
+        return vllm.build_serve_app(cfg, model_ref)
     default_id, refs = resolve_models(cfg, model_ref)
     resolve_token(s)  # fail early, in the driver, if auth is configured but the token is missing
     scaling: dict[str, Any] = {"num_replicas": s.num_replicas}

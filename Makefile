@@ -29,6 +29,10 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	# Unsloth's declared deps (triton, xformers, torchao) are GPU-side; on CPU it runs its
 	# CPU fallback, which the tests exercise for real.
 	$(PIP) install -q --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9
+	# tinker-cookbook 0.6.1 wants tml-renderers>=0.4.1, which the registry lacks and whose code its
+	# supervised path and get_lr never import: install it without deps, plus the deps those paths use.
+	$(PIP) install -q -c constraints/cpu.txt chz==0.4.0 blobfile==3.3.0 pyrage==1.4.0 tiktoken==0.14.0 termcolor==3.3.0
+	$(PIP) install -q --no-deps tinker-cookbook==0.6.1
 	$(PY) -c "import torch; v = torch.__version__; assert v.startswith('2.13.0'), f'pip replaced torch: {v}'"
 	@touch $(STAMP)
 

@@ -11,7 +11,12 @@ median examples/s of each and the ratio. Then it compares the greedy texts of (a
 row and explains each difference: (b)'s JSON stop ending a row earlier, or a greedy divergence
 (its token position and the top-2 logit gap there, unbatched).
 
+(b) runs at the config's eval.dtype (`auto`: bf16 where the CPU has it); pass `eval.dtype=model` for
+the fp32 run whose text the comparison checks against (a). `--published-n K` times (a) on the first
+K examples only (it is slow: about 0.1 ex/s) and compares the texts of those K rows.
+
     python bench/eval_throughput.py                      # the full run: 96 news examples, 256 tokens, 3 runs each
+    python bench/eval_throughput.py --published-n 16 --runs 2 eval.dtype=model   # fp32, (a) on 16 rows
     python bench/eval_throughput.py --n 16 --max-new-tokens 64 --runs 1   # a quick look
 """
 
@@ -75,10 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=None, help="(b)'s eval.batch_size (default: the config's)")
     p.add_argument("--runs", type=int, default=3, help="runs of each method (median reported)")
+    p.add_argument("--published-n", type=int, default=None, help="(a) on the first K examples only (default: all N)")
     p.add_argument("--json", default=None, help="also write the results here as JSON")
     p.add_argument("overrides", nargs="*", help="extra section.key=value config overrides for (b)")
     args = p.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import announce
 
+    machine = announce()
     import torch
 
     from newsray.config import load_config
@@ -100,13 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     formatter = Formatter.for_tokenizer(tokenizer, cfg.model.max_seq_length)
     ids = tokenizer.apply_chat_template(examples[0].messages(), add_generation_prompt=True, return_dict=True)["input_ids"]
     assert list(ids) == formatter.prompt_ids(examples[0].messages()), "the published prompt and newsray's differ"
-    print(f"{len(examples)} {cfg.data.task} examples, max_new_tokens={args.max_new_tokens}, (b) batch_size={cfg.eval.batch_size}, "
+    published = examples[: args.published_n or len(examples)]
+    print(f"{len(examples)} {cfg.data.task} examples ((a) on {len(published)}), max_new_tokens={args.max_new_tokens}, "
+          f"(b) batch_size={cfg.eval.batch_size} eval.dtype={cfg.eval.dtype}, "
           f"actors={cfg.eval.num_actors} x {cfg.eval.cpus_per_actor} CPU, torch threads={threads}, {os.cpu_count()} CPUs", flush=True)
 
     a_rates, b_rates, a_last, b_last = [], [], None, None
     for run in range(args.runs):
-        secs, texts, toks = published_loop(model, tokenizer, examples, args.max_new_tokens)
-        a_rates.append(len(examples) / secs)
+        secs, texts, toks = published_loop(model, tokenizer, published, args.max_new_tokens)
+        a_rates.append(len(published) / secs)
         a_last = (texts, toks)
         print(f"run {run + 1}: (a) loop      {secs:8.1f} s  {a_rates[-1]:.3f} ex/s", flush=True)
         ray = init_ray(cfg)  # started per run, outside the timing (an idle Ray only waits to be disturbed)
@@ -116,13 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         b_rates.append(len(examples) / secs)
         b_last = [json.loads(line) for line in (res.out_dir / "raw_outputs.jsonl").read_text().splitlines()]
-        print(f"run {run + 1}: (b) newsray   {secs:8.1f} s  {b_rates[-1]:.3f} ex/s  (generation {res.aggregates['examples_per_s']:.3f} ex/s)", flush=True)
+        b_dtype = json.loads((res.out_dir / "eval_info.json").read_text())["dtype"]
+        print(f"run {run + 1}: (b) newsray   {secs:8.1f} s  {b_rates[-1]:.3f} ex/s  (generation {res.aggregates['examples_per_s']:.3f} ex/s, "
+              f"{b_dtype})", flush=True)
 
     a_med, b_med = statistics.median(a_rates), statistics.median(b_rates)
     print(f"\n| method | examples/s (median of {args.runs}) | runs |")
     print("|---|---|---|")
     print(f"| (a) published loop, batch 1 | {a_med:.3f} | {', '.join(f'{r:.3f}' for r in a_rates)} |")
-    print(f"| (b) newsray evaluate | {b_med:.3f} | {', '.join(f'{r:.3f}' for r in b_rates)} |")
+    print(f"| (b) newsray evaluate ({b_dtype}) | {b_med:.3f} | {', '.join(f'{r:.3f}' for r in b_rates)} |")
     print(f"\nratio (b)/(a): {b_med / a_med:.2f}x")
 
     texts, toks = a_last
@@ -130,11 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     for ex, a_text, a_tok, b in zip(examples, texts, toks, b_last):
         if a_text != b["output"]:
             diffs.append({"id": b["id"], "item_id": ex.id, "reason": explain(model, tokenizer, formatter, ex, a_tok, b["output"], b["finish_reason"])})
-    print(f"\ngreedy text (a) == (b): {len(examples) - len(diffs)}/{len(examples)} rows identical")
+    print(f"\ngreedy text (a) == (b): {len(published) - len(diffs)}/{len(published)} rows identical ((b) in {b_dtype})")
     for d in diffs:
         print(f"  row {d['id']} ({d['item_id']}): {d['reason']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"a": a_rates, "b": b_rates, "ratio": b_med / a_med, "n": len(examples),
+        Path(args.json).write_text(json.dumps({"machine": machine, "a": a_rates, "b": b_rates, "ratio": b_med / a_med, "n": len(examples),
+                                               "published_n": len(published), "b_dtype": b_dtype,
                                                "max_new_tokens": args.max_new_tokens, "batch_size": cfg.eval.batch_size,
                                                "differences": diffs}, indent=2))
     return 0

@@ -1,5 +1,8 @@
 """Where a batched `Generator.generate` call spends its time, per weight dtype: prefill vs decode steps.
 
+(The engine's forwards are timed: newsray.generation.engine.Engine._forward; a prefill is a forward
+that writes prompts, a decode step one token per active slot.)
+
 For each dtype, in one process with the same torch threads: N news test prompts generated one at a
 time, then as one batch of N (constrained, greedy, the serving path's `generate`), timing every
 forward call of the model. Reports the prefill (first forward) and the median decode step at batch
@@ -32,34 +35,35 @@ def profile(dtype: str, batch: int, budget: int, threads: int, op_steps: int = 0
     op_steps > 0: torch.profiler also records decode steps 10 .. 10 + op_steps of the batch (all rows
     still active) and its operator table is printed.
     """
+    from serve_load import articles
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    import newsray.constrained as constrained
     from newsray.config import load_config
-    from newsray.inference import load_generator
+    from newsray.generation import load_generator
+    from newsray.generation.grammar import TaskConstraint
     from newsray.tasks.news import PROMPT_TEMPLATE
-    from serve_load import articles
 
     cfg = load_config(None, [f"model.dtype={dtype}"])
-    gen = load_generator("baseline", cfg, num_threads=threads)
+    gen = load_generator("baseline", cfg, num_threads=threads, slots=batch)
     messages = [[{"role": "user", "content": PROMPT_TEMPLATE.format(**a)}] for a in articles(cfg, batch + 1)[1:]]
     gen.generate(messages[:1], 8, constrained=True)  # warm-up: grammar compile, first-call costs
 
     calls: list[tuple[int, float]] = []  # (rows, seconds) of each forward call
     masks: list[float] = []
-    forward, apply = gen.model.forward, constrained.GrammarMask.apply
+    engine = gen.engine
+    forward, apply = engine._forward, TaskConstraint.apply
 
     ops = torch_profile(activities=[ProfilerActivity.CPU]) if op_steps else None
     profiling = {"on": False}  # only in the batched call
 
-    def timed_forward(*a, **k):
+    def timed_forward(ids, *a, **k):
         step = len(calls)  # 0 = prefill
         if profiling["on"] and step == 10:
             ops.start()
         t0 = time.perf_counter()
-        out = forward(*a, **k)
-        calls.append((k["input_ids"].shape[0], time.perf_counter() - t0))
+        out = forward(ids, *a, **k)
+        calls.append((ids.shape[0], time.perf_counter() - t0))
         if profiling["on"] and step == 9 + op_steps:
             ops.stop()
         return out
@@ -70,7 +74,7 @@ def profile(dtype: str, batch: int, budget: int, threads: int, op_steps: int = 0
         masks.append(time.perf_counter() - t0)
         return out
 
-    gen.model.forward, constrained.GrammarMask.apply = timed_forward, timed_apply
+    engine._forward, TaskConstraint.apply = timed_forward, timed_apply
     try:
         singles, single_prefill, single_steps = [], [], []
         t0 = time.perf_counter()
@@ -87,8 +91,8 @@ def profile(dtype: str, batch: int, budget: int, threads: int, op_steps: int = 0
         batched = gen.generate(messages, budget, constrained=True)
         batch_s = time.perf_counter() - t0
     finally:
-        constrained.GrammarMask.apply = apply
-        del gen.model.forward  # the class's forward again
+        TaskConstraint.apply = apply
+        del engine._forward  # the class's forward again
     if ops is not None:
         print(f"{dtype}: operators over decode steps 10-{9 + op_steps} of the batch of {batch} (self CPU time):")
         print(ops.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))

@@ -1,8 +1,9 @@
-"""Serve load test: dynamic batching vs batch size 1, and Serve's overhead on one request, in one run.
+"""Serve load test: continuous batching vs batch size 1, and Serve's overhead on one request, in one run.
 
 Two copies of the app run side by side on one in-process Ray (loopback only): `batched`
-(serve.max_batch_size = --batch-size) and `single` (max_batch_size 1), each with one model
-replica of --cpus CPUs (torch threads = CPUs). For each concurrency level (closed loop: C client
+(serve.max_batch_size = --batch-size: the engine's slots; a request joins the running batch at
+the next step) and `single` (max_batch_size 1), each with one model replica of --cpus CPUs
+(torch threads = CPUs). For each concurrency level (closed loop: C client
 threads, each sending its next request when the previous one returns) the two apps are measured
 back to back in --rounds rounds, ABBA order, so drifting machine load hits both alike: p50/p95/p99
 latency and requests/s over all rounds, and the median over rounds of the per-round req/s ratio.
@@ -117,10 +118,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="newsray config (default: built-in defaults = news + embedded SmolLM2)")
     p.add_argument("--model", default="baseline", help="baseline, an adapter dir or an MLflow URI")
-    p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 16], help="client concurrency levels")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 16, 32, 64], help="client concurrency levels")
     p.add_argument("--requests", type=int, default=2, help="requests per level and round = max(4, this x concurrency)")
     p.add_argument("--rounds", type=int, default=2, help="rounds per level, modes in ABBA order")
-    p.add_argument("--batch-size", type=int, default=16, help="max_batch_size of the batched app")
+    p.add_argument("--batch-size", type=int, default=64, help="max_batch_size (engine slots) of the batched app")
     p.add_argument("--max-new-tokens", type=int, default=128, help="generation budget per request")
     p.add_argument("--cpus", type=float, default=1.0, help="CPUs (= torch threads) per model replica")
     p.add_argument("--overhead-reps", type=int, default=7, help="alternated HTTP / bare pairs for the overhead")
@@ -128,7 +129,10 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], help="newsray config override, e.g. serve.dtype=model (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import announce
 
+    machine = announce()
     from newsray.config import load_config
 
     common = ["serve.host=127.0.0.1", f"serve.port={args.port}", "serve.constrained=true", f"serve.max_new_tokens={args.max_new_tokens}",
@@ -143,7 +147,7 @@ def main() -> None:
 
     from newsray.serving import build_app, served_spec
 
-    from newsray.inference import load_generator
+    from newsray.generation import load_generator
     from newsray.raycluster import init_ray
 
     t0 = time.perf_counter()
@@ -160,7 +164,7 @@ def main() -> None:
     spec = served_spec(args.model, cfg)  # as a replica loads it (resolved once: an MLflow URI downloads)
     dtype = str(resolve_dtype(spec.model.dtype, "cpu")).removeprefix("torch.")
     print(f"serving {args.model} in {dtype} (serve.dtype={cfg.serve.dtype})", file=sys.stderr)
-    results: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}, "dtype": dtype,
+    results: dict = {"machine": machine | {"loadavg_start": os.getloadavg()}, "dtype": dtype,
                      "args": {k: str(v) for k, v in vars(args).items()},
                      "levels": {"batched": [], "single": []}}
     try:

@@ -221,6 +221,26 @@ def tune_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] 
         out.print(f"registered: {g.uri}\nchampion: version {g.champion_version} ({'moved' if g.champion_moved else 'unchanged'}: {g.reason})", markup=False, highlight=False)
 
 
+@app.command("export")
+def export_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
+               model: str = typer.Option(..., "--model", "-m", help="baseline, a PEFT adapter directory, or an MLflow URI (runs:/ID/PATH, models:/NAME@ALIAS, models:/NAME/VERSION)."),
+               fmt: str = typer.Option(..., "--format", "-f", help="merged (HF safetensors dir), gguf (llama.cpp) or ollama (GGUF + Modelfile)."),
+               out_dir: Path = typer.Option(..., "--out", help="A new or empty directory to write into."),
+               quant: str = typer.Option("q8_0", "--quant", help="GGUF tensor type for gguf/ollama: f32, f16, bf16 or q8_0."),
+               dtype: str = typer.Option("float32", "--dtype", help="Weight dtype of --format merged: float32, bfloat16 or float16."),
+               log: bool = typer.Option(True, "--log/--no-log", help="Log the files to MLflow when --model is a runs:/ or models:/ URI.")) -> None:
+    """Export a model for use outside newsray: merged HF weights, GGUF, or an Ollama Modelfile (docs/EXPORT.md)."""
+    from newsray.export import export
+
+    r = export(_load(config, overrides), model, fmt, out_dir, quant=quant, dtype=dtype, log=log,
+               progress=lambda m: err.print(m, markup=False, highlight=False))
+    out.print(f"[green]exported[/green] {escape(r.model_ref)} (base {escape(r.base_model)}) as {r.format}: {escape(str(r.out_dir))}", highlight=False)
+    for f in r.files:
+        out.print(f"  {f}", markup=False, highlight=False)
+    if r.artifact_uri:
+        out.print(f"MLflow: {r.artifact_uri}" + (f" (model version {r.model_version})" if r.model_version else ""), markup=False, highlight=False)
+
+
 @app.command("pipeline")
 def pipeline_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
     """The end-to-end job: tune -> train -> evaluate baseline and tuned -> compare -> register -> serve one request (docs/PIPELINE.md)."""
@@ -238,6 +258,27 @@ def pipeline_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[st
     for what, where in rows:
         table.add_row(what, escape(where))
     out.print(table)
+
+
+@app.command("tinker-server")
+def tinker_server_cmd(port: int = typer.Option(..., "--port", help="TCP port (0 = a free one, printed on start)."),
+                      host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback unless you mean it)."),
+                      storage: Path = typer.Option(Path("runs/tinker-server"), "--storage", help="Directory for checkpoints (PEFT adapter directories)."),
+                      model: Optional[list[str]] = typer.Option(None, "--model", help="A base model to offer: NAME (newsray registry name, hub id or local dir) or SERVED_NAME=NAME; repeatable (default: the embedded SmolLM2)."),
+                      api_key_env: str = typer.Option("TINKER_API_KEY", "--api-key-env", help="Environment variable holding the API key clients must send (X-API-Key)."),
+                      api_key_file: Optional[Path] = typer.Option(None, "--api-key-file", help="File holding the API key, read when the variable is unset or empty."),
+                      no_auth: bool = typer.Option(False, "--no-auth", help="Accept any client (loopback experiments only)."),
+                      cpus: float = typer.Option(1.0, "--cpus", help="CPUs of the worker actor (torch threads follow it)."),
+                      gpus: float = typer.Option(0.0, "--gpus", help="GPUs of the worker actor (1 on a GPU node)."),
+                      max_body_mb: int = typer.Option(64, "--max-body-mb", help="Largest accepted request body, in MiB (413 above)."),
+                      ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to run the worker on (default $RAY_ADDRESS, else an in-process Ray).")) -> None:
+    """Serve the Tinker API (the part the SDK uses for supervised LoRA training and sampling) backed by a Ray actor (docs/TRAINING.md)."""
+    from newsray.tinker.cli import run_server
+
+    run_server(port=port, host=host, storage=storage, models=model or [], api_key_env=api_key_env, api_key_file=api_key_file,
+               no_auth=no_auth, cpus=cpus, gpus=gpus, max_body_mb=max_body_mb, ray_address=ray_address,
+               on_ready=lambda url, names: out.print(f"newsray tinker-server: listening on {url} (models: {', '.join(names)})",
+                                                     markup=False, highlight=False))
 
 
 def main() -> None:

@@ -132,7 +132,7 @@ class PipelineConfig(_Section):
 
 class EvalConfig(_Section):
     max_new_tokens: int = Field(256, gt=0, description="Generation budget per example.")
-    batch_size: int = Field(8, gt=0, description="Examples per generate() call (left-padded).")
+    batch_size: int = Field(8, gt=0, description="Rows decoded together per actor (the engine's slots; a finished row's slot is refilled from the queue at the next step).")
     constrained: bool = Field(False, description="Constrain decoding to the task's JSON schema / label set.")
     num_actors: int = Field(1, gt=0, description="Ray Data actor-pool size for generation.")
     cpus_per_actor: float = Field(1.5, gt=0, description="CPUs per generation actor (leave some for read tasks).")
@@ -144,6 +144,12 @@ class EvalConfig(_Section):
     bootstrap_resamples: int = Field(10000, ge=1000, description="Bootstrap resamples.")
     limit: int | None = Field(None, gt=0, description="Evaluate only the first N test examples (smoke runs).")
     max_actor_restarts: int = Field(3, ge=0, description="Restarts of a crashed generation actor (its batch is retried as often).")
+    dtype: Literal["auto", "model", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype of the evaluated models; auto = bfloat16 where the actor's device multiplies it natively "
+        "(newsray.models.native_bf16: a CUDA GPU with bf16, a CPU with AMX/AVX512-BF16/Arm BF16 or a probe that measures it faster), "
+        "else model.dtype; model = model.dtype (fp32 on CPU: the numerics of the published loop).")
+    engine: Literal["auto", "newsray", "vllm"] = Field(
+        "auto", description="Generation engine: newsray's (continuous batching, any device), vLLM through ray.data.llm (GPU actors, the gpu extra); auto = vLLM where installed and eval.gpus_per_actor > 0.")
 
 
 class ServeConfig(_Section):
@@ -152,12 +158,13 @@ class ServeConfig(_Section):
     num_replicas: int = Field(1, gt=0, description="Serve replicas.")
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs per replica.")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica.")
-    max_batch_size: int = Field(8, gt=0, description="@serve.batch max batch size.")
-    batch_wait_timeout_s: float = Field(0.05, ge=0, description="@serve.batch wait for a fuller batch.")
+    max_batch_size: int = Field(8, gt=0, description="Requests decoded together per replica and model (the engine's slots; a request joins the running batch at the next step).")
     max_new_tokens: int = Field(256, gt=0, description="Generation budget per request.")
     dtype: Literal["auto", "model", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype of the served models; auto = bfloat16 where the replica's device multiplies it natively "
-        "(a CUDA GPU with bf16, a CPU with AMX), else model.dtype; model = model.dtype, the numerics evaluation used.")
+        "(as eval.dtype), else model.dtype; model = model.dtype.")
+    engine: Literal["auto", "newsray", "vllm"] = Field(
+        "auto", description="Serving engine: newsray's (continuous batching, this app's endpoints), vLLM through ray.serve.llm (GPU replicas, OpenAI API only); auto = vLLM where installed and serve.gpus_per_replica > 0.")
     auth_token_env: str | None = Field(None, description="Environment variable holding the bearer token; None = no auth.")
     max_body_bytes: int = Field(65536, gt=0, description="Largest accepted request body (413 above).")
     max_content_chars: int = Field(8000, gt=0, description="Longest accepted article content (422 above).")
@@ -188,6 +195,14 @@ class TrackingConfig(_Section):
     registered_model: str | None = Field(None, description="Model Registry name; None = newsray-<task>.")
 
 
+class TinkerConfig(_Section):
+    base_url: str | None = Field(None, description="Tinker API URL (the managed service, or `newsray tinker-server`); None = $TINKER_BASE_URL, else the SDK's default (the managed service).")
+    api_key_file: str | None = Field(None, description="File holding the Tinker API key (e.g. a mounted secret), read when $TINKER_API_KEY is unset or empty; the key is never logged.")
+    base_model: str | None = Field(None, description="The model's name at the Tinker service (e.g. meta-llama/Llama-3.2-1B); None = model.name. model.name must load the same tokenizer locally.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to wait for the service's health check before giving up (the SDK alone would retry for ~300 s).")
+    cookbook_lr: bool | None = Field(None, description="Peak LR from tinker-cookbook's get_lr for the service model (where it knows it): true = always, false = never, None = only when the config sets no train.learning_rate.")
+
+
 class RayConfig(_Section):
     address: str | None = Field(None, description="Cluster address; None = $RAY_ADDRESS, else an in-process Ray.")
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the in-process Ray (None = all).")
@@ -208,6 +223,7 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve deployment.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
+    tinker: TinkerConfig = Field(default_factory=TinkerConfig, description="The Tinker remote training API (train.backend=tinker).")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster connection.")
 
     def to_yaml(self) -> str:
@@ -222,7 +238,8 @@ class Config(_Section):
 # Loading
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_PATH_FIELDS = (("data", "root"), ("train", "storage_path"), ("tracking", "run_dir"), ("model", "chat_template"), ("train", "deepspeed"), ("serve", "auth_token_file"))
+_PATH_FIELDS = (("data", "root"), ("train", "storage_path"), ("tracking", "run_dir"), ("model", "chat_template"), ("train", "deepspeed"), ("serve", "auth_token_file"),
+               ("tinker", "api_key_file"))
 
 
 def _flatten(d: dict, prefix: str = ""):

@@ -18,13 +18,13 @@ from newsray.models import (
     DEFAULT_MODEL,
     REGISTRY,
     ResolvedModel,
+    inference_dtype,
     load_model,
     load_tokenizer,
     native_bf16,
     prepare_model,
     resolve_dtype,
     resolve_model,
-    serving_dtype,
 )
 
 MARKER = "newsray-prepared.json"
@@ -141,22 +141,38 @@ def test_resolve_dtype() -> None:
         resolve_dtype("int8", "cpu")
 
 
-def test_native_bf16_matches_the_cpu_flags() -> None:
+def test_native_bf16_follows_the_cpu_flags_or_a_measurement(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """x86 AMX or AVX512-BF16 (Intel and AMD alike) or Arm BF16 in the flags: yes; flags silent: the cached probe decides."""
+    import json
+
+    from newsray import models
+
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():
         pytest.skip("needs Linux's /proc/cpuinfo")
-    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split(":", 1)[1].split())
-    assert native_bf16("cpu") == ({"amx_bf16", "amx_tile", "avx512_bf16"} <= flags)
+    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith(("flags", "Features"))).split(":", 1)[1].split())
+    assert models.cpu_info()[1] == flags
+    monkeypatch.setenv("NEWSRAY_CACHE_DIR", str(tmp_path))
+    for seen, expected in (({"avx2", "avx512_bf16"}, True), ({"amx_bf16", "amx_tile"}, True), ({"asimd", "bf16"}, True)):
+        monkeypatch.setattr(models, "cpu_info", lambda seen=seen: ("cpu", seen))
+        assert native_bf16("cpu") is expected
+    monkeypatch.setattr(models, "cpu_info", lambda: ("A CPU without bf16 flags", {"avx2", "fma"}))
+    measured = native_bf16("cpu")  # really timed: a 1024^2 matmul in both dtypes
+    (probe,) = (tmp_path / "bf16-probe").glob("*.json")
+    record = json.loads(probe.read_text())
+    assert record["bf16_faster"] is measured and (record["fp32_s"] / record["bf16_s"] >= 1.3) is measured
+    probe.write_text(json.dumps(record | {"bf16_faster": not measured}))
+    assert native_bf16("cpu") is (not measured)  # the cached answer, not a new measurement
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_serving_dtype(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inference_dtype(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("newsray.models.native_bf16", lambda device: native)
-    assert serving_dtype("auto", "float32", "cpu") == ("bfloat16" if native else "float32")
-    assert serving_dtype("auto", "auto", "cuda") == ("bfloat16" if native else "auto")
-    assert serving_dtype("model", "float32", "cpu") == "float32"
-    assert serving_dtype("float16", "float32", "cuda") == "float16"
-    assert serving_dtype("float32", "bfloat16", "cpu") == "float32"
+    assert inference_dtype("auto", "float32", "cpu") == ("bfloat16" if native else "float32")
+    assert inference_dtype("auto", "auto", "cuda") == ("bfloat16" if native else "auto")
+    assert inference_dtype("model", "float32", "cpu") == "float32"
+    assert inference_dtype("float16", "float32", "cuda") == "float16"
+    assert inference_dtype("float32", "bfloat16", "cpu") == "float32"
 
 
 # --- slow: the real embedded model ----------------------------------------------------------

@@ -39,7 +39,7 @@ def test_champion_moves_only_when_better_and_versions_are_kept(cfg, tmp_path):
     import mlflow
 
     from newsray import tracking
-    from newsray.inference import resolve_model_ref
+    from newsray.generation import resolve_model_ref
     from newsray.registry import champion, register
 
     basis = "news:val_fraction=0.1:data=abc"

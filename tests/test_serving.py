@@ -156,7 +156,7 @@ def server(tmp_path_factory, embedded_model):
         "model": {"name": embedded_model.name, "max_seq_length": 512},
         "ray": {"num_cpus": 2, "object_store_memory_mb": 256},
         "tracking": {"uri": uri},
-        "serve": {"port": port, "max_new_tokens": MAX_NEW, "max_batch_size": 4, "batch_wait_timeout_s": 0.1, "constrained": False,
+        "serve": {"port": port, "max_new_tokens": MAX_NEW, "max_batch_size": 4, "constrained": False,
                   "auth_token_env": "NEWSRAY_TEST_TOKEN", "max_body_bytes": MAX_BODY, "max_content_chars": MAX_CONTENT,
                   "max_loaded_adapters": 2, "adapters": {"base": "baseline", "sports": str(adapters["sports"])}},
     }

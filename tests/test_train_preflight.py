@@ -36,10 +36,11 @@ def test_batch_larger_than_the_data(tmp_path, data_dir, embedded_model):
     assert "train.per_device_batch_size=3 x train.num_workers=2 = 6" in msg and "only 4 usable" in msg and "test.csv" in msg
 
 
-def test_unknown_and_unavailable_backends(tmp_path, data_dir):
+def test_unknown_backend_and_tinker_without_a_key(tmp_path, data_dir, monkeypatch):
     with pytest.raises(ConfigError, match="train.backend"):
         cfg_for(tmp_path, data_dir, "train.backend=deepspeed-magic")
-    assert "Tinker backend is not available yet" in refused(cfg_for(tmp_path, data_dir, "train.backend=tinker"))
+    monkeypatch.delenv("TINKER_API_KEY", raising=False)
+    assert "train.backend=tinker needs an API key" in refused(cfg_for(tmp_path, data_dir, "train.backend=tinker"))
 
 
 @pytest.mark.parametrize("override, words", [

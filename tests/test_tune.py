@@ -63,7 +63,7 @@ def test_interrupted_search_resumes_and_registers_the_champion(tmp_path, data_di
     from typer.testing import CliRunner
 
     from newsray.cli import app
-    from newsray.inference import resolve_model_ref
+    from newsray.generation import resolve_model_ref
     from newsray.registry import register
     from newsray.search import FAIL_ENV
     from newsray.train.checkpoint import is_adapter_dir

@@ -1,7 +1,9 @@
 """`evaluate`: the task's test set through a Ray Data actor pool (generate -> parse), then score and log.
 
-Each actor loads base + adapter once (newsray.inference) and generates batches greedily; rows come
-back in any order and are put back in test-set order by their position. Ray Data retries the
+Each actor loads base + adapter once (newsray.generation) in eval.dtype and queues its rows on its
+engine, which decodes eval.batch_size of them at a time and refills a finished row's slot at the
+next step (continuous batching); rows come back in any order and are put back in test-set order
+by their position. Ray Data retries the
 batch of an actor that dies (bounded by eval.max_actor_restarts). The files of docs/EVALUATION.md
 are written atomically into the output directory, then one MLflow run records them.
 """
@@ -23,7 +25,7 @@ from typing import Any, Literal
 import newsray
 from newsray.config import Config
 from newsray.errors import DataError
-from newsray.inference import ModelSpec, load_generator, model_slug, resolve_model_ref
+from newsray.generation import ModelSpec, load_generator, model_slug, on_device, resolve_model_ref
 from newsray.raycluster import init_ray
 from newsray.tasks import Example, get_task
 
@@ -63,8 +65,10 @@ class GeneratorActor:
     def __init__(self, cfg: Config, model_ref: str, spec: ModelSpec, fault: str | None = None):
         import torch
 
-        gpu = cfg.eval.gpus_per_actor > 0 and torch.cuda.is_available()
-        self.gen = load_generator(model_ref, cfg, "cuda" if gpu else "cpu", num_threads=cfg.eval.cpus_per_actor, spec=spec)
+        device = "cuda" if cfg.eval.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        spec = on_device(spec, cfg.eval.dtype, device)
+        self.gen = load_generator(model_ref, cfg, device, num_threads=cfg.eval.cpus_per_actor, spec=spec, slots=cfg.eval.batch_size)
+        self.dtype = spec.model.dtype
         self.task, self.max_new_tokens, self.constrained = cfg.data.task, cfg.eval.max_new_tokens, cfg.eval.constrained
         self.rows_done, self.fault = 0, fault
 
@@ -93,17 +97,26 @@ class GeneratorActor:
             "latency_s": [latency] * len(results),
             "parsed": [json.dumps(parse_output(self.task, r.text)) for r in results],
             "actor_pid": [os.getpid()] * len(results),
+            "dtype": [self.dtype] * len(results),
+            "engine": ["newsray"] * len(results),
         }
 
 
 def _generate(cfg: Config, model_ref: str, spec: ModelSpec, examples: list[Example]) -> list[dict[str, Any]]:
-    """Run the actor pool over the examples; rows in test-set order, each exactly once."""
+    """Run the actor pool (or vLLM's processor, eval.engine) over the examples; rows in test-set order, each exactly once."""
     import ray
 
+    from newsray.generation import vllm
+
     items = [{"row": i, "messages": json.dumps(ex.messages())} for i, ex in enumerate(examples)]
+    if vllm.choose(cfg.eval.engine, cfg.eval.gpus_per_actor) == "vllm":
+        return _vllm_rows(cfg, spec, items)
     items.sort(key=lambda it: len(it["messages"]))  # similar lengths batch together (less padding); "row" restores order
     e = cfg.eval
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / e.batch_size)))
+    # Rows per actor call: enough to keep the engine's eval.batch_size slots full (continuous batching
+    # drains only at the end of a call), at most 4 x slots so a crashed actor repeats little.
+    per_call = min(len(items), max(e.batch_size, math.ceil(len(items) / e.num_actors)), 4 * e.batch_size)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_call)))
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for max_restarts / max_task_retries (its actor pool reads
         # them from **ray_remote_args, which warns that it is deprecated): bounded, not infinite.
@@ -114,7 +127,7 @@ def _generate(cfg: Config, model_ref: str, spec: ModelSpec, examples: list[Examp
             compute=ray.data.ActorPoolStrategy(size=e.num_actors),
             num_cpus=e.cpus_per_actor,
             num_gpus=e.gpus_per_actor or None,
-            batch_size=e.batch_size,
+            batch_size=per_call,
             max_restarts=e.max_actor_restarts,
             max_task_retries=e.max_actor_restarts,
         )
@@ -125,6 +138,21 @@ def _generate(cfg: Config, model_ref: str, spec: ModelSpec, examples: list[Examp
         dup = sorted({g for g in got if got.count(g) > 1})
         raise RuntimeError(f"evaluation lost rows {missing[:10]} or duplicated rows {dup[:10]} of {len(examples)}")
     return rows
+
+
+def _vllm_rows(cfg: Config, spec: ModelSpec, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """eval.engine=vllm: the rows through ray.data.llm (newsray.generation.vllm), in the actor pool's row layout."""
+    from newsray.formatting import Formatter
+    from newsray.generation import load_tokenizer_for, vllm
+
+    spec = on_device(spec, cfg.eval.dtype, "cuda")
+    fmt = Formatter.for_tokenizer(load_tokenizer_for(spec), spec.model.max_seq_length)
+    t0 = time.perf_counter()
+    out = vllm.evaluate_rows(cfg, spec, items)
+    latency = time.perf_counter() - t0
+    messages = {it["row"]: json.loads(it["messages"]) for it in items}
+    return [r | {"prompt": fmt.prompt(messages[r["row"]]), "latency_s": latency, "parsed": json.dumps(parse_output(cfg.data.task, r["output"])),
+                 "actor_pid": 0, "dtype": spec.model.dtype, "engine": "vllm"} for r in out]
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -238,6 +266,7 @@ def evaluate(cfg: Config, model_ref: str = "baseline", out_dir: Path | None = No
     info = {"task": task.name, "split": split, "model_ref": model_ref, "base_model": spec.model.name, "constrained": cfg.eval.constrained,
             "max_new_tokens": cfg.eval.max_new_tokens, "n": len(examples), "wall_s": time.perf_counter() - t0,
             "generation_s": gen_s, "batch_size": cfg.eval.batch_size, "num_actors": cfg.eval.num_actors,
+            "dtype": rows[0]["dtype"], "engine": rows[0]["engine"],
             "newsray_version": newsray.__version__, "git_commit": git_commit()}
     _dump(out / "eval_info.json", info)
     run_id = _log_mlflow(cfg, model_ref, out, aggregates, info, task.data_hashes())

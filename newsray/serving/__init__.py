@@ -25,15 +25,10 @@ def on_cluster(cfg: Config) -> bool:
 
 
 def served_spec(model_ref: str, cfg: Config, device: str = "cpu") -> Any:
-    """`model_ref` resolved (newsray.inference.ModelSpec) as a replica on `device` loads it: its base model in serve.dtype."""
-    from dataclasses import replace
+    """`model_ref` resolved (newsray.generation.ModelSpec) as a replica on `device` loads it: its base model in serve.dtype."""
+    from newsray.generation import on_device, resolve_model_ref
 
-    from newsray.inference import resolve_model_ref
-    from newsray.models import serving_dtype
-
-    spec = resolve_model_ref(model_ref, cfg)
-    dtype = serving_dtype(cfg.serve.dtype, spec.model.dtype, device)
-    return replace(spec, model=spec.model.model_copy(update={"dtype": dtype}))
+    return on_device(resolve_model_ref(model_ref, cfg), cfg.serve.dtype, device)
 
 
 def check_port(cfg: Config) -> None:

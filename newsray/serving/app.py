@@ -1,11 +1,13 @@
-"""Ray Serve deployment: a FastAPI ingress and batched, multiplexed model replicas; `build_app` and `run`.
+"""Ray Serve deployment: a FastAPI ingress and continuously batched, multiplexed model replicas; `build_app` and `run`.
 
 The ingress (`Ingress`, no CPU reserved) checks auth and limits, validates requests and calls the
 model deployment (`ModelServer`) through a handle, choosing the adapter with
 `multiplexed_model_id`. Each model replica keeps the default model pinned, loads extra adapters
-into Serve's per-replica LRU (`serve.multiplexed`, serve.max_loaded_adapters) and collects
-requests into batches (`@serve.batch`) that `newsray.inference.Generator.generate` decodes
-together. Prompts come from the task module and `newsray.formatting`, exactly as in training.
+into Serve's per-replica LRU (`serve.multiplexed`, serve.max_loaded_adapters) and hands every
+request to its model's engine (`newsray.generation.Generator.agenerate`): a request joins the
+running batch at the engine's next step, up to serve.max_batch_size rows, instead of waiting for
+a batch to form and finish. Prompts come from the task module and `newsray.formatting`, exactly as
+in training.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import os
 import re
 import signal
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,7 @@ def resolve_token(scfg: ServeConfig) -> str | None:
 
 def _normalize_ref(ref: str, where: str) -> str:
     """baseline and MLflow URIs unchanged; a local adapter directory made absolute and checked."""
-    from newsray.inference import BASELINE, MLFLOW_SCHEMES, ADAPTER_CONFIG
+    from newsray.generation import ADAPTER_CONFIG, BASELINE, MLFLOW_SCHEMES
 
     ref = ref.strip()
     if ref == BASELINE or ref.startswith(MLFLOW_SCHEMES):
@@ -75,7 +76,7 @@ def _normalize_ref(ref: str, where: str) -> str:
 
 def resolve_models(cfg: Config, model_ref: str) -> tuple[str, dict[str, str]]:
     """(default model id, {id: model_ref}) from --model and serve.adapters; ids are what requests name."""
-    from newsray.inference import model_slug
+    from newsray.generation import model_slug
 
     default_id = cfg.serve.model_name or model_slug(model_ref)
     refs = {default_id: _normalize_ref(model_ref, "--model")}
@@ -104,16 +105,8 @@ class Loaded:
         if unload is not None:
             try:
                 unload()
-            except Exception:  # noqa: BLE001 - a failed cleanup must not fail the request that evicted it
+            except Exception:
                 log.exception("unloading an adapter failed")
-
-
-@dataclass(frozen=True)
-class _Item:
-    model_id: str
-    messages: list[dict[str, str]]
-    max_new_tokens: int
-    constrained: bool
 
 
 def _err(status: int, kind: str, message: str, raw_text: str | None = None) -> dict[str, Any]:
@@ -131,13 +124,14 @@ def _adapter_task(adapter_dir: Path | None, default: str) -> str:
 
 
 class ModelServer:
-    """A model replica: the default model pinned, extra adapters in an LRU, batched greedy decoding."""
+    """A model replica: the default model pinned, extra adapters in an LRU, continuously batched greedy decoding."""
 
     def __init__(self, cfg_data: dict[str, Any], refs: dict[str, str], default_id: str):
         self.cfg = Config.model_validate(cfg_data)
         self.refs, self.default_id = refs, default_id
         self.device = "cuda" if self.cfg.serve.gpus_per_replica > 0 else "cpu"
-        self.lock = asyncio.Lock()
+        self.slots = self.cfg.serve.max_batch_size
+        self._generators: list[Any] = []  # every loaded model's generator (their engines follow reconfigure)
         self._pools: dict[str, Any] = {}  # base model name -> SharedBase of the multiplexed adapters
         self.default = self._load(default_id)
 
@@ -149,12 +143,14 @@ class ModelServer:
         self.reconfigure({})
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Batch size / wait time from serve.* or a Serve config's user_config (live, no restart)."""
-        self._generate.set_max_batch_size(int(user_config.get("max_batch_size", self.cfg.serve.max_batch_size)))
-        self._generate.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", self.cfg.serve.batch_wait_timeout_s)))
+        """Rows decoded together (serve.max_batch_size, or a Serve config's user_config max_batch_size): live, no restart."""
+        self.slots = int(user_config.get("max_batch_size", self.cfg.serve.max_batch_size))
+        for gen in self._generators:
+            gen.slots = self.slots
+            gen.engine.set_slots(self.slots)
 
     def _load(self, model_id: str) -> Loaded:
-        from newsray.inference import SharedBase, load_generator
+        from newsray.generation import SharedBase, load_generator
         from newsray.serving import served_spec
         from newsray.tasks import get_task
 
@@ -165,12 +161,22 @@ class ModelServer:
         prompt = get_task(cfg).make_user_prompt
         if model_id != self.default_id and spec.adapter_dir is not None and self.cfg.serve.share_base:
             pool = self._pools.setdefault(spec.model.name, SharedBase(self.device))
-            gen = pool.add(model_id, spec, task)
+            gen = pool.add(model_id, spec, task, slots=self.slots)
             log.info("adapter %s (%s, task %s) loaded on the shared %s (%s)", model_id, ref, task, spec.model.name, spec.model.dtype)
-            return Loaded(gen, task, prompt, unload=lambda: pool.remove(model_id))
-        gen = load_generator(ref, cfg, device=self.device, num_threads=self.cfg.serve.cpus_per_replica, spec=spec)
-        log.info("model %s (%s, task %s) loaded in %s", model_id, ref, task, spec.model.dtype)
-        return Loaded(gen, task, prompt)
+            self._generators.append(gen)
+            return Loaded(gen, task, prompt, unload=lambda: self._unload(gen, lambda: pool.remove(model_id)))
+        gen = load_generator(ref, cfg, device=self.device, num_threads=self.cfg.serve.cpus_per_replica, spec=spec, slots=self.slots)
+        log.info("model %s (%s, task %s) loaded in %s, %d rows decoded together", model_id, ref, task, spec.model.dtype, self.slots)
+        self._generators.append(gen)
+        return Loaded(gen, task, prompt, unload=lambda: self._unload(gen))
+
+    def _unload(self, gen: Any, then: Callable[[], None] | None = None) -> None:
+        """An evicted model: its engine is no longer reconfigured; a shared-base adapter frees its weights."""
+        if gen in self._generators:
+            self._generators.remove(gen)
+        gen.engine.close()
+        if then is not None:
+            then()
 
     async def _model(self, model_id: str) -> Loaded:
         return self.default if model_id == self.default_id else await self._adapter(model_id)
@@ -180,23 +186,6 @@ class ModelServer:
         wrapper = getattr(self._load_adapter, "__serve_multiplex_wrapper", None)
         loaded = list(getattr(wrapper, "models", {}) or {})
         return {"default_model": self.default_id, "loaded_models": [self.default_id, *loaded]}
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _generate(self, items: list[_Item]) -> list[Any]:
-        """One batch: grouped by (model, budget, constrained), each group one generate() call."""
-        groups: dict[tuple[str, int, bool], list[int]] = defaultdict(list)
-        for i, it in enumerate(items):
-            groups[(it.model_id, it.max_new_tokens, it.constrained)].append(i)
-        results: list[Any] = [None] * len(items)
-        for (model_id, budget, constrained), idx in groups.items():
-            loaded = await self._model(model_id)
-            async with self.lock:  # one generate() at a time: it uses all of the replica's threads
-                t0 = time.perf_counter()
-                out = await asyncio.to_thread(loaded.generator.generate, [items[i].messages for i in idx], budget, constrained)
-            log.info("generated a batch of %d for %s (constrained=%s) in %.2fs", len(idx), model_id, constrained, time.perf_counter() - t0)
-            for i, r in zip(idx, out):
-                results[i] = r
-        return results
 
     async def respond(self, model_id: str, request: dict[str, Any]) -> dict[str, Any]:
         """One request -> {answer fields} or {"error": {status, type, message[, raw_text]}}."""
@@ -220,7 +209,7 @@ class ModelServer:
         if n_prompt + budget > formatter.max_seq_length:
             return _err(422, "prompt_too_long", f"the prompt has {n_prompt} tokens; with max_new_tokens={budget} it exceeds "
                         f"the model's {formatter.max_seq_length}-token window (model.max_seq_length): shorten the input.")
-        result = await self._generate(_Item(model_id, messages, budget, constrained))
+        result = await loaded.generator.agenerate(messages, budget, constrained)
         if kind == "chat":
             text, reason = _apply_stops(result.text, request.get("stops") or [], _FINISH[result.finish_reason])
             usage = {"prompt_tokens": n_prompt, "completion_tokens": result.n_new_tokens, "total_tokens": n_prompt + result.n_new_tokens}
@@ -228,7 +217,7 @@ class ModelServer:
         answer = _validate(kind, result.text)
         if answer is None and not constrained and self.cfg.serve.retry_constrained:
             constrained = True
-            result = await self._generate(_Item(model_id, messages, budget, True))
+            result = await loaded.generator.agenerate(messages, budget, True)
             answer = _validate(kind, result.text)
         if answer is None:
             what = "JSON answer matching the news schema" if kind == "analyze" else "AG News label"
@@ -296,8 +285,13 @@ ModelDeployment = serve.deployment(ModelServer, name=MODEL_DEPLOYMENT)
 
 
 def build_app(cfg: Config, model_ref: str) -> Any:
-    """The Serve application (ingress -> model deployment) for `model_ref` plus serve.adapters."""
+    """The Serve application (ingress -> model deployment) for `model_ref` plus serve.adapters;
+    with serve.engine=vllm (GPU replicas) Ray Serve LLM's OpenAI app instead (newsray.generation.vllm)."""
+    from newsray.generation import vllm
+
     s = cfg.serve
+    if vllm.choose(s.engine, s.gpus_per_replica) == "vllm":
+        return vllm.build_serve_app(cfg, model_ref)
     default_id, refs = resolve_models(cfg, model_ref)
     resolve_token(s)  # fail early, in the driver, if auth is configured but the token is missing
     scaling: dict[str, Any] = {"num_replicas": s.num_replicas}

@@ -205,10 +205,13 @@ def train(cfg: Config) -> TrainResult:
 
     from newsray import tracking
     from newsray.raycluster import init_ray, preflight_placement
+    from newsray.train.backends import get_backend
     from newsray.train.data import total_steps
 
     cfg, data = preflight(cfg)
     run_name = cfg.train.run_name or ""
+    if getattr(get_backend(cfg.train.backend), "remote", False):
+        return _train_remote(cfg, data, run_name)
     init_ray(cfg)
     check_resources(cfg, in_process=not (cfg.ray.address or os.environ.get("RAY_ADDRESS")))
     preflight_placement(cfg, "train")
@@ -244,6 +247,36 @@ def train(cfg: Config) -> TrainResult:
         run_id = run.info.run_id
     return TrainResult(adapter_dir=adapter_dir, adapter_uri=f"runs:/{run_id}/adapter", mlflow_run_id=run_id,
                        metrics=metrics, checkpoint=result.checkpoint.path, run_name=run_name)
+
+
+def _train_remote(cfg: Config, data: TrainData, run_name: str) -> TrainResult:
+    """A backend that trains at a remote service (tinker): the loop runs here, no Ray Train workers."""
+    import mlflow
+
+    from newsray import tracking
+    from newsray.train.backends.tinker import train_remote
+    from newsray.train.data import total_steps
+
+    if _is_uri(cfg.train.storage_path):
+        raise ConfigError("train.backend=tinker keeps its run records on local storage; set train.storage_path to a directory.")
+    max_steps = total_steps(cfg, len(data.train))
+    run_dir = _local(cfg.train.storage_path) / run_name
+    with tracking.start_run(cfg, run_name=run_name, stage="train", data_hashes=data.data_hashes) as run:
+        mlflow.set_tags({"newsray.ray_run_name": run_name, "newsray.ray_run_path": str(run_dir), "newsray.backend": cfg.train.backend,
+                         "newsray.resumed": str(cfg.train.resume).lower()})
+        mlflow.log_params({"derived.max_steps": max_steps, "derived.n_train": len(data.train), "derived.n_val": len(data.val),
+                           "derived.dropped_too_long": data.dropped_train + data.dropped_val})
+        started = time.perf_counter()
+        adapter_dir, last = train_remote(cfg, data, run_dir, {"tracking_uri": tracking.tracking_uri(cfg), "run_id": run.info.run_id},
+                                         max_steps)
+        state = TrainerState.read(adapter_dir)
+        metrics = _summary(last, state, time.perf_counter() - started)
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags({"newsray.checkpoint": str(adapter_dir), "newsray.adapter_dir": str(adapter_dir)})
+        _log_adapter(adapter_dir)
+        run_id = run.info.run_id
+    return TrainResult(adapter_dir=adapter_dir, adapter_uri=f"runs:/{run_id}/adapter", mlflow_run_id=run_id,
+                       metrics=metrics, checkpoint=str(adapter_dir), run_name=run_name)
 
 
 def _materialize(checkpoint: Any, cfg: Config, run_name: str) -> Path:

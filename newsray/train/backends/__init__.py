@@ -1,4 +1,5 @@
-"""Worker backends: how a Ray Train worker builds the LoRA model (hf = transformers+PEFT, unsloth)."""
+"""Worker backends: how a Ray Train worker builds the LoRA model (hf = transformers+PEFT, unsloth),
+or, for tinker, a remote service that trains while the driver runs the loop (backend.remote)."""
 
 from __future__ import annotations
 
@@ -40,5 +41,7 @@ def get_backend(name: str) -> Backend:
 
         return UnslothBackend()
     if name == "tinker":
-        raise ConfigError("train.backend: the Tinker backend is not available yet; use train.backend=hf or unsloth.")
+        from newsray.train.backends.tinker import TinkerBackend
+
+        return TinkerBackend()
     raise ConfigError(f"train.backend: unknown backend {name!r}; use one of {', '.join(KNOWN)}.")

@@ -4,7 +4,8 @@ News: the NewsAnswer JSON schema with bounded strings and lists (newsray.tasks.n
 AG News: exactly one of the four label names, then end-of-turn. llguidance (the Rust grammar
 engine behind guidance, also used by vLLM, SGLang and llama.cpp) computes, per row and step, the
 bitmask of tokens that keep the output inside the grammar; this module applies it to the logits
-of newsray.inference's batched greedy decode loop.
+of the engine's greedy step (newsray.generation.engine), row by row: every row carries its own
+`RowGrammar`, so rows that join and leave the running batch keep their grammar state.
 
 Termination within max_new_tokens is guaranteed by a budget reserve: once the tokens left for a row
 fall to `reserve` (the length of the shortest complete answer + 8), the row is steered to close
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from newsray.inference import JsonScanner
+from newsray.generation.stop import JsonScanner
 
 
 def news_grammar() -> tuple[str, int]:
@@ -45,7 +46,7 @@ def agnews_grammar() -> tuple[str, int]:
 
 
 class TaskConstraint:
-    """A task's compiled grammar for one tokenizer; makes a logits processor per generate() call."""
+    """A task's compiled grammar for one tokenizer: a RowGrammar per generation, masks for a batch of them."""
 
     def __init__(self, tokenizer: Any, task: str, stop_ids: list[int], token_texts: list[str]):
         import llguidance
@@ -66,38 +67,50 @@ class TaskConstraint:
         self.closer = np.array([bool(t) and set(t) <= {"]", "}"} for t in texts])
         self.nonspace = np.array([bool(t.strip()) for t in texts])
 
-    def mask(self, batch_size: int, max_new_tokens: int) -> GrammarMask:
-        """A fresh grammar state (one matcher per row) for one batch of generations."""
-        return GrammarMask(self, batch_size, max_new_tokens)
+    def row(self, max_new_tokens: int) -> RowGrammar:
+        """A fresh grammar state for one generation of at most `max_new_tokens` tokens."""
+        return RowGrammar(self, max_new_tokens)
+
+    def apply(self, rows: list[RowGrammar], scores: Any) -> Any:
+        """`scores` (one line per row, for each row's next token) with the tokens its grammar forbids at -inf."""
+        import torch
+
+        n = self.ll_tokenizer.vocab_size
+        words = (n + 31) // 32
+        bitmask = np.full((len(rows), words), -1, dtype=np.int32)
+        self.executor.unsafe_compute_mask_ptr([(g.matcher, i) for i, g in enumerate(rows)], bitmask.ctypes.data, words * 4, len(rows))
+        allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :n].astype(bool)
+        for i, g in enumerate(rows):
+            if g.max_new - g.step <= self.reserve:
+                g.steer_to_close(allowed[i])
+        full = np.zeros(scores.shape, dtype=bool)
+        width = min(n, scores.shape[1])
+        full[:, :width] = allowed[:, :width]
+        return scores.masked_fill(~torch.from_numpy(full).to(scores.device), float("-inf"))
 
 
-class GrammarMask:
-    """Per-row grammar state of one batch: masks logits to the allowed tokens, consumes the chosen ones.
+class RowGrammar:
+    """One row's grammar state: its matcher, a JSON scanner (to know whether it is inside a string) and its step."""
 
-    Rows are the batch's original row indices, so the decode loop can drop finished rows and
-    pass only the active ones.
-    """
+    __slots__ = ("c", "matcher", "max_new", "scanner", "step")
 
-    def __init__(self, c: TaskConstraint, batch_size: int, max_new_tokens: int):
+    def __init__(self, c: TaskConstraint, max_new_tokens: int):
         from llguidance import LLMatcher
 
-        self.c, self.max_new = c, max_new_tokens
-        self.matchers = [LLMatcher(c.ll_tokenizer, c.grammar, log_level=0) for _ in range(batch_size)]
-        self.scanners = [JsonScanner() for _ in range(batch_size)]
-        n = c.ll_tokenizer.vocab_size
-        self.words = (n + 31) // 32
-        self.n_vocab = n
+        self.c, self.max_new, self.step = c, max_new_tokens, 0
+        self.matcher = LLMatcher(c.ll_tokenizer, c.grammar, log_level=0)
+        self.scanner = JsonScanner()
 
-    def consume(self, r: int, tok: int) -> None:
-        """Feed row r the token it generated (RuntimeError if the grammar does not allow it)."""
-        m = self.matchers[r]
-        if not m.consume_token(tok):
-            raise RuntimeError(f"constrained decoding: row {r} left its grammar ({m.get_error()[:300]})")
-        self.scanners[r].feed(self.c.texts[tok] if tok < len(self.c.texts) else "")
+    def consume(self, tok: int) -> None:
+        """Feed the token the row generated (RuntimeError if its grammar does not allow it)."""
+        if not self.matcher.consume_token(tok):
+            raise RuntimeError(f"constrained decoding left its grammar ({self.matcher.get_error()[:300]})")
+        self.scanner.feed(self.c.texts[tok] if tok < len(self.c.texts) else "")
+        self.step += 1
 
-    def _steer_to_close(self, r: int, allowed: np.ndarray) -> None:
-        """Narrow row r's allowed tokens to those that close the answer fastest (budget reserve)."""
-        s = self.scanners[r]
+    def steer_to_close(self, allowed: np.ndarray) -> None:
+        """Narrow the allowed tokens to those that close the answer fastest (budget reserve)."""
+        s = self.scanner
         prefs = [self.c.quote] if s.in_string and not s.escape else [self.c.closer]
         prefs.append(self.c.nonspace)
         for pref in prefs:
@@ -105,19 +118,3 @@ class GrammarMask:
             if narrowed.any():
                 allowed[:] = narrowed
                 return
-
-    def apply(self, rows: list[int], step: int, scores: Any) -> Any:
-        """`scores` (one line per entry of `rows`, for new token number `step`) with disallowed tokens at -inf."""
-        import torch
-
-        bitmask = np.full((len(rows), self.words), -1, dtype=np.int32)
-        self.c.executor.unsafe_compute_mask_ptr([(self.matchers[r], i) for i, r in enumerate(rows)],
-                                                bitmask.ctypes.data, self.words * 4, len(rows))
-        allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, : self.n_vocab].astype(bool)
-        if self.max_new - step <= self.c.reserve:
-            for i, r in enumerate(rows):
-                self._steer_to_close(r, allowed[i])
-        full = np.zeros(scores.shape, dtype=bool)
-        width = min(self.n_vocab, scores.shape[1])
-        full[:, :width] = allowed[:, :width]
-        return scores.masked_fill(~torch.from_numpy(full).to(scores.device), float("-inf"))

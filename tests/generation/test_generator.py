@@ -10,14 +10,14 @@ import torch
 
 from newsray.config import Config, DataConfig, ModelConfig, TrackingConfig
 from newsray.errors import ModelError
-from newsray.inference import (
+from newsray.generation import (
     Generator,
     JsonScanner,
-    _adapter_model_config,
     load_generator,
     model_slug,
     resolve_model_ref,
 )
+from newsray.generation.refs import _adapter_model_config
 from newsray.tasks import get_task
 from newsray.tasks.agnews import LABELS
 from newsray.tasks.news import parse_prediction
@@ -158,7 +158,7 @@ def test_batched_equals_unbatched(news_gen, data_dir):
 def test_rows_leave_the_batch_without_changing_the_others(news_gen, data_dir):
     """Rows that finish early (constrained: at different steps) leave the batch and the KV cache;
     every row's text is still what it is alone."""
-    from newsray.constrained import news_grammar
+    from newsray.generation.grammar import news_grammar
 
     msgs = [e.messages() for e in _examples("news", data_dir, 4)]
     budget = news_grammar()[1] + 24
@@ -170,7 +170,7 @@ def test_rows_leave_the_batch_without_changing_the_others(news_gen, data_dir):
 
 def test_constrained_news_is_always_valid(news_gen, data_dir):
     """The untrained model, constrained, gives schema-valid JSON every time, within budget."""
-    from newsray.constrained import news_grammar
+    from newsray.generation.grammar import news_grammar
 
     exs = _examples("news", data_dir, 4)
     budget = news_grammar()[1] + 16  # close to the smallest budget the reserve guarantees
@@ -271,7 +271,7 @@ def test_adapter_dir_and_runs_uri(news_gen, embedded_model, data_dir, tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from newsray.config import Config, TrackingConfig; from newsray.inference import resolve_model_ref; "
+    code = ("import sys; from newsray.config import Config, TrackingConfig; from newsray.generation import resolve_model_ref; "
             f"print(resolve_model_ref('runs:/{run.info.run_id}/adapter', Config(tracking=TrackingConfig(run_dir=sys.argv[1]))).adapter_dir)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "runs")], capture_output=True, text=True, check=True)
     downloaded = Path(out.stdout.strip().splitlines()[-1])
@@ -281,8 +281,8 @@ def test_adapter_dir_and_runs_uri(news_gen, embedded_model, data_dir, tmp_path):
 def test_grammar_processor_on_a_llama3_token_stream(llama3_tokenizer):
     """Token by token on a real Llama-3 stream: every answer token allowed, then only end-of-turn
     (never the pad), a token outside the grammar refused, and the budget reserve forces a closing quote."""
-    from newsray.constrained import TaskConstraint
     from newsray.formatting import Formatter
+    from newsray.generation.grammar import TaskConstraint
 
     tok = llama3_tokenizer
     stop = Formatter.for_tokenizer(tok, 1024).stop_token_ids()
@@ -292,32 +292,32 @@ def test_grammar_processor_on_a_llama3_token_stream(llama3_tokenizer):
     c = TaskConstraint(tok, "news", stop, texts)
     scores = torch.zeros(1, len(tok))
 
-    def allowed(g, step):
-        return (g.apply([0], step, scores.clone())[0] > float("-inf")).nonzero().flatten().tolist()
+    def allowed(g):
+        return (c.apply([g], scores.clone())[0] > float("-inf")).nonzero().flatten().tolist()
 
     answer = tok(json.dumps(GOOD, indent=2), add_special_tokens=False)["input_ids"]
-    g = c.mask(1, 400)
+    g = c.row(400)
     for step, t in enumerate(answer):
-        assert t in allowed(g, step), tok.decode(answer[: step + 1])
-        g.consume(0, t)
-    rest = allowed(g, len(answer))
+        assert t in allowed(g), tok.decode(answer[: step + 1])
+        g.consume(t)
+    rest = allowed(g)
     assert rest and set(rest) <= set(stop)  # the object is closed: only end-of-turn may follow
     assert pad not in rest
     with pytest.raises(RuntimeError, match="left its grammar"):
-        g.consume(0, tok(" more", add_special_tokens=False)["input_ids"][0])
+        g.consume(tok(" more", add_special_tokens=False)["input_ids"][0])
 
     prefix = tok('{"relevance_score": 5, "summary": "A long', add_special_tokens=False)["input_ids"]
-    g = c.mask(1, len(prefix) + c.reserve)
-    for step, t in enumerate(prefix):
-        g.consume(0, t)
-    closing = allowed(g, len(prefix))
+    g = c.row(len(prefix) + c.reserve)
+    for t in prefix:
+        g.consume(t)
+    closing = allowed(g)
     assert closing and all(texts[i] == '"' for i in closing)  # out of budget: close the string now
 
 
 @pytest.mark.slow
 def test_adapters_share_one_base(news_gen, embedded_model, data_dir, tmp_path):
     """Two adapters on one SharedBase: one base copy, each answers as its own merged copy does, evicting frees it."""
-    from newsray.inference import SharedBase
+    from newsray.generation import SharedBase
 
     mcfg = ModelConfig(name=embedded_model.source, max_seq_length=1024)
     cfg = _cfg("news", data_dir=data_dir)

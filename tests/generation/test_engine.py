@@ -1,0 +1,106 @@
+"""The continuous-batching engine on the embedded model: slots refilled from the queue, requests joining
+a running batch, live resizing, cancellation, and the slot cache's in-place writes."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from newsray.config import Config, DataConfig, ModelConfig
+from newsray.generation import Generator, SlotCache, load_generator
+from newsray.tasks import get_task
+
+
+@pytest.fixture(scope="module")
+def gen(embedded_model, data_dir) -> Generator:
+    cfg = Config(data=DataConfig(task="news", root=str(data_dir)), model=ModelConfig(max_seq_length=1024, dtype="float32"))
+    return load_generator("baseline", cfg, num_threads=2, slots=2)
+
+
+@pytest.fixture(scope="module")
+def prompts(data_dir):
+    cfg = Config(data=DataConfig(task="news", root=str(data_dir)))
+    return [e.messages() for e in get_task(cfg).load().test[:5]]
+
+
+@pytest.fixture(scope="module")
+def alone(gen, prompts):
+    """Each prompt decoded alone (one slot in use): the reference text."""
+    return {i: gen.generate([m], 12 + 4 * i)[0] for i, m in enumerate(prompts)}
+
+
+def test_slot_cache_writes_in_place_and_reads_a_view():
+    config = SimpleNamespace(num_hidden_layers=2, num_key_value_heads=3, num_attention_heads=9, hidden_size=576, head_dim=64)
+    c = SlotCache(config, slots=4, length=16, dtype=torch.float32, device="cpu")
+    k, v = torch.randn(2, 3, 5, 64), torch.randn(2, 3, 5, 64)
+    c.write, c.read = (torch.tensor([[3], [1]]), torch.arange(5)[None, :]), None
+    out_k, _ = c.update(k, v, 1)
+    assert out_k is k  # a prefill attends to its own keys
+    assert torch.equal(c.keys[1][3, :, :5], k[0]) and torch.equal(c.values[1][1, :, :5], v[1])
+    one = torch.randn(4, 3, 1, 64)
+    c.write, c.read = (torch.arange(4)[:, None], torch.tensor([[5], [5], [0], [5]])), (4, 6)
+    rk, _ = c.update(one, one, 1)
+    assert rk.shape == (4, 3, 6, 64) and rk.data_ptr() == c.keys[1].data_ptr()  # a view of the buffer: no copy
+    assert torch.equal(c.keys[1][3, :, 5], one[3, :, 0]) and torch.equal(c.keys[1][3, :, :5], k[0])
+    c.grow(32)
+    assert c.keys[1].shape[2] == 32 and torch.equal(c.keys[1][3, :, :5], k[0])
+
+
+@pytest.mark.slow
+def test_more_rows_than_slots_refill_as_rows_finish(gen, prompts, alone):
+    """5 rows on 2 slots: a freed slot takes the next row at the next step; every text is the row's text alone."""
+    reqs = [gen.request(m, 12 + 4 * i) for i, m in enumerate(prompts)]
+    done = gen.engine.run(reqs)
+    assert [gen.result(r) for r in done] == [alone[i] for i in range(5)]
+    assert max(sum(r.admitted_step <= s < r.finished_step for r in reqs) for s in range(max(r.finished_step for r in reqs))) <= 2
+    first_free = min(reqs[0].finished_step, reqs[1].finished_step)
+    assert reqs[2].admitted_step == first_free  # refilled at once, not after the whole first batch
+    assert reqs[2].admitted_step < max(reqs[0].finished_step, reqs[1].finished_step)
+
+
+@pytest.mark.slow
+def test_a_request_joins_the_running_batch(gen, prompts, alone):
+    """Online: a short request submitted while a long one decodes starts at the next step and ends first."""
+    reference = gen.generate([prompts[4]], 28)[0]
+    assert reference.finish_reason == "length"  # the untrained model writes prose to the budget
+    long = gen.request(prompts[4], 28)
+    gen.engine.submit(long)
+    while long.admitted_step < 0 or gen.engine.steps - long.admitted_step < 3:
+        time.sleep(0.01)
+    short = gen.request(prompts[0], 12)
+    assert gen.result(gen.engine.submit(short).result(timeout=300)) == alone[0]
+    assert gen.result(long.future.result(timeout=300)) == reference
+    assert long.admitted_step < short.admitted_step < long.finished_step  # joined while the long one ran
+    assert short.finished_step < long.finished_step
+
+
+@pytest.mark.slow
+def test_slots_grow_live_and_cancelled_requests_leave(gen, prompts, alone):
+    gen.engine.set_slots(1)
+    reqs = [gen.request(m, 12 + 4 * i) for i, m in enumerate(prompts[:4])]
+    futures = [gen.engine.submit(r) for r in reqs]
+    futures[3].cancel()  # still queued: never takes a slot
+    while reqs[0].admitted_step < 0:
+        time.sleep(0.01)
+    gen.engine.set_slots(3)  # rows in flight keep their cache
+    assert [gen.result(f.result(timeout=300)) for f in futures[:3]] == [alone[i] for i in range(3)]
+    assert reqs[3].admitted_step == -1
+    assert max(r.admitted_step for r in reqs[1:3]) < reqs[0].finished_step  # the new slots were used at once
+    gen.engine.set_slots(2)
+
+
+@pytest.mark.slow
+def test_rows_longer_than_the_window_still_decode(gen, prompts, alone):
+    """A prompt past model.max_seq_length is warned about, not an index error: the cache grows to what a row needs."""
+    from newsray.generation import Engine, Request
+
+    small = Engine(gen.model, slots=1, stop_ids=gen.stop_ids, token_texts=gen.token_texts, pad_id=gen.pad_id, max_length=64)
+    prompt = gen.formatter.prompt_ids(prompts[0])
+    assert len(prompt) > 64
+    (req,) = small.run([Request(prompt, 12, json_stop=True)])
+    assert small.cache.length >= len(prompt) + 12
+    assert gen.result(req) == alone[0]
+    small.close()

@@ -108,7 +108,8 @@ class Generator:
 
     async def agenerate(self, messages: list[dict[str, str]], max_new_tokens: int, constrained: bool = False) -> GenerationResult:
         """One continuation that joins the running batch at the engine's next step."""
-        req = self.request(messages, max_new_tokens, constrained)
+        # Off the event loop: the first constrained request compiles the grammar (about a second).
+        req = await asyncio.to_thread(self.request, messages, max_new_tokens, constrained)
         return self.result(await asyncio.wrap_future(self.engine.submit(req)))
 
 

@@ -367,6 +367,7 @@ def test_replica_killed_then_restarted(server):
             if last.status_code == 200:
                 break
             assert last.status_code in (500, 503) and "error" in last.json(), last.text  # JSON errors while restarting
+            assert last.status_code != 503 or last.headers.get("Retry-After") == "5"  # retryable, and says when
         except requests.RequestException as e:
             last = e
         time.sleep(2)

@@ -138,7 +138,8 @@ async def _dispatch(backend: Backend, model_id: str, request: dict[str, Any]) ->
     out = await backend.call(model_id, request)
     if "error" in out:
         e = out["error"]
-        return error(e["status"], e["type"], e["message"], e.get("raw_text"))
+        retry = {"Retry-After": "5"} if e["status"] == 503 else None  # replica restarting / model loading: retryable
+        return error(e["status"], e["type"], e["message"], e.get("raw_text"), headers=retry)
     return out
 
 

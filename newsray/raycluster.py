@@ -40,6 +40,20 @@ def ensure_auth_token() -> None:
         f.write(secrets.token_hex(32))
 
 
+def _job_env_covers(env_vars: dict[str, str]) -> bool:
+    """Inside a submitted Ray job: does the job's own runtime_env already set every one of `env_vars`?"""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job supervisor for the entrypoint
+    if not raw:
+        return False
+    try:
+        job_vars = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return False
+    return all(job_vars.get(k) == v for k, v in env_vars.items())
+
+
 def _restore_cwd(cwd: str) -> None:
     """In a submitted job, joining the cluster can re-extract the job's working dir (our cwd) under the
     same path: the old directory is gone and os.getcwd() fails. Enter the new one."""
@@ -74,7 +88,13 @@ def init_ray(cfg: Config, extra_env: dict[str, str] | None = None, stage: str | 
         # too: combine it with ours instead of refusing the overlap.
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         cwd = os.getcwd()
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        if _job_env_covers(runtime_env["env_vars"]):
+            # A submitted job whose runtime_env already carries these variables: a second, merged
+            # runtime_env would be a new environment for the job, whose working dir Ray re-extracts
+            # under the driver's feet (its cwd and not-yet-imported modules vanish for a while).
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         _restore_cwd(cwd)
     else:
         # address="local": a new in-process Ray even when a `ray start` cluster runs on this

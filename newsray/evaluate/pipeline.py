@@ -25,7 +25,7 @@ from typing import Any, Literal
 import newsray
 from newsray.config import Config
 from newsray.errors import DataError
-from newsray.generation import ModelSpec, load_generator, model_slug, on_device, resolve_model_ref
+from newsray.generation import ModelSpec, load_generator, model_slug, on_device, resolve_model_ref, vllm
 from newsray.raycluster import init_ray
 from newsray.tasks import Example, get_task
 
@@ -106,16 +106,15 @@ def _generate(cfg: Config, model_ref: str, spec: ModelSpec, examples: list[Examp
     """Run the actor pool (or vLLM's processor, eval.engine) over the examples; rows in test-set order, each exactly once."""
     import ray
 
-    from newsray.generation import vllm
-
     items = [{"row": i, "messages": json.dumps(ex.messages())} for i, ex in enumerate(examples)]
     if vllm.choose(cfg.eval.engine, cfg.eval.gpus_per_actor) == "vllm":
         return _vllm_rows(cfg, spec, items)
     items.sort(key=lambda it: len(it["messages"]))  # similar lengths batch together (less padding); "row" restores order
     e = cfg.eval
     # Rows per actor call: enough to keep the engine's eval.batch_size slots full (continuous batching
-    # drains only at the end of a call), at most 4 x slots so a crashed actor repeats little.
-    per_call = min(len(items), max(e.batch_size, math.ceil(len(items) / e.num_actors)), 4 * e.batch_size)
+    # drains only at the end of a call), at least two calls per actor so every actor gets rows, at
+    # most 4 x slots so a crashed actor repeats little.
+    per_call = min(len(items), max(e.batch_size, math.ceil(len(items) / (2 * e.num_actors))), 4 * e.batch_size)
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_call)))
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for max_restarts / max_task_retries (its actor pool reads
@@ -143,7 +142,7 @@ def _generate(cfg: Config, model_ref: str, spec: ModelSpec, examples: list[Examp
 def _vllm_rows(cfg: Config, spec: ModelSpec, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """eval.engine=vllm: the rows through ray.data.llm (newsray.generation.vllm), in the actor pool's row layout."""
     from newsray.formatting import Formatter
-    from newsray.generation import load_tokenizer_for, vllm
+    from newsray.generation import load_tokenizer_for
 
     spec = on_device(spec, cfg.eval.dtype, "cuda")
     fmt = Formatter.for_tokenizer(load_tokenizer_for(spec), spec.model.max_seq_length)

@@ -120,6 +120,11 @@ def news_inference(comparison: Mapping[str, Any], inference: Mapping[str, Any]) 
         m1, m2 = comparison["pair_names"][pair]
         rows, said = [], []
         for metric, r in by_metric.items():
+            if r.get("not_computable"):
+                rows.append([metric, fmt(r["model1_mean"]), fmt(r["model2_mean"]), f"{r['mean_difference']:+.3f}",
+                             *[r["not_computable"]] * 5])
+                said.append(f"- {metric}: no test, {r['not_computable']}.")
+                continue
             ci = comparison["cohens_d_bootstrap_ci"][pair][metric]
             d = r["effect_sizes"]["cohens_d"]
             rows.append([metric, fmt(r["model1_mean"]), fmt(r["model2_mean"]), f"{r['mean_difference']:+.3f}",

@@ -144,6 +144,8 @@ def forest(path: Path, title: str, rows: Sequence[dict[str, Any]], xlabel: str, 
         ax.plot([clip(r["lower"]), clip(r["upper"])], [yi, yi], color=c, lw=2)
         ax.plot(clip(r["estimate"]), yi, "o", color=c, ms=8 if r["significant"] else 5,
                 markeredgecolor="black" if r["significant"] else c)
+    if not rows:  # nothing estimable (n < 2): the figure says so instead of plotting nothing
+        ax.text(0, 0.5, "no estimate: not computable (n < 2)", ha="center", va="center", transform=ax.get_yaxis_transform())
     for k in range(len(pairs), len(rows), len(pairs)):  # a rule between metrics
         ax.axhline(y[k] + 0.5, color="#bbbbbb", lw=0.6)
     ax.axvline(0, color="black", lw=0.8)

@@ -135,6 +135,9 @@ def _news(cfg: Config, srcs: Sequence[EvalSource], names: Sequence[str], plot_di
         for m1, m2 in itertools.combinations(names, 2):  # the order of pairwise_inference
             pair = f"{m1}_vs_{m2}"
             by_metric = inference[pair]
+            if by_metric[metric].get("not_computable"):  # n < 2: no d, no CI, no forest row
+                d_ci.setdefault(pair, {})[metric] = {"cohens_d": None, "lower": None, "upper": None}
+                continue
             ci = cohens_d_ci(per[m1][metric], per[m2][metric], seed, resamples)
             d = by_metric[metric]["effect_sizes"]["cohens_d"]
             d_ci.setdefault(pair, {})[metric] = {"cohens_d": d, **ci}
@@ -181,14 +184,20 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _publish(staging: Path, out_dir: Path) -> None:
-    """Move the staged outputs into out_dir: one rename if it is new, else one atomic replace per file."""
+    """Move the staged report into out_dir: one rename if it is new; else its four files are replaced one by
+    one (atomically) and its plots/ directory as a whole, so no plot of an earlier report stays; other files
+    in out_dir are left alone."""
     if not out_dir.exists():
         os.replace(staging, out_dir)
         return
+    old = out_dir / f".{PLOTS_DIR}.old-{os.getpid()}"
+    if (out_dir / PLOTS_DIR).exists():
+        os.replace(out_dir / PLOTS_DIR, old)
     for f in sorted(p for p in staging.rglob("*") if p.is_file()):
         dest = out_dir / f.relative_to(staging)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(f, dest)
+    shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
 
 

@@ -13,6 +13,7 @@ from scipy import stats
 from newsray.evaluate.metrics import STAT_METRICS
 
 ALPHA = 0.05
+NOT_COMPUTABLE = "not computable (n < 2)"  # what a test block says when one paired example cannot carry it
 DEFAULT_SEED = 0
 DEFAULT_RESAMPLES = 10_000
 _BOOTSTRAP_CHUNK = 1_000
@@ -97,10 +98,12 @@ def compare_metric(
     xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if xa.shape != ya.shape or xa.ndim != 1:
         raise ValueError(f"{metric_name}: paired samples differ ({xa.shape} vs {ya.shape}).")
-    if len(xa) < 2:
-        raise ValueError(f"{metric_name}: need at least 2 paired examples, got {len(xa)}.")
+    m1, m2 = (float(np.mean(xa)), float(np.mean(ya))) if len(xa) else (math.nan, math.nan)
+    if len(xa) < 2:  # no variance, no test: the means are still reported, every test says why it is missing
+        return {"metric_name": metric_name, "model1_mean": m1, "model2_mean": m2, "mean_difference": m2 - m1,
+                "not_computable": NOT_COMPUTABLE, "paired_ttest": None, "wilcoxon_test": None,
+                "effect_sizes": {"cohens_d": None}, "confidence_interval": None, "statistical_power": None}
     d = cohens_d(xa, ya)
-    m1, m2 = float(np.mean(xa)), float(np.mean(ya))
     return {
         "metric_name": metric_name,
         "model1_mean": m1,

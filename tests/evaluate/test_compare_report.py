@@ -209,7 +209,7 @@ def agnews_dirs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> lis
 
 
 def test_agnews_comparison(agnews_dirs: list[Path], tracking_env: Path, tmp_path: Path) -> None:
-    result = compare(_cfg(tracking_env, "eval.bootstrap_resamples=2000"), [str(p) for p in agnews_dirs], None, tmp_path / "ag")
+    result = compare(_cfg(tracking_env, "eval.bootstrap_resamples=10000"), [str(p) for p in agnews_dirs], None, tmp_path / "ag")
     assert result.task == "agnews" and result.names == ["model-a", "model-b"]
     assert result.metrics["model-a"]["accuracy"] == 0.80 and result.metrics["model-b"]["accuracy"] == 0.85
     assert result.metrics["model-b"]["unmatched"] == 3 and result.metrics["model-a"]["unmatched"] == 0
@@ -256,3 +256,34 @@ def test_prediction_files_with_references(published_dir: Path, golden: CompareRe
     assert result.names == ["tinker_predictions_standardized", "unsloth_predictions_standardized"]
     assert result.metrics["unsloth_predictions_standardized"] == golden.metrics["unsloth"]
     assert "--references" in result.report.read_text()
+
+
+def test_one_example_gives_the_table_and_tests_marked_not_computable(published_dir: Path, tracking_env: Path, tmp_path: Path) -> None:
+    """n = 1 (pipeline.eval_limit=1): the means and the table, every test "not computable (n < 2)", no error."""
+    from newsray.evaluate.stats import NOT_COMPUTABLE
+
+    refs = json.loads((published_dir / "test_references_standardized.json").read_text())[:1]
+    (tmp_path / "refs.json").write_text(json.dumps(refs))
+    dirs = []
+    for m in ("tinker", "unsloth"):
+        preds = json.loads((published_dir / MODELS[m]).read_text())[:1]
+        (tmp_path / f"{m}.json").write_text(json.dumps(preds))
+        dirs.append(str(write_news_eval_dir(tmp_path / m, tmp_path / f"{m}.json", tmp_path / "refs.json", {"constrained": False})))
+    result = compare(_cfg(tracking_env, "eval.bootstrap_resamples=1000"), dirs, ["tinker", "unsloth"], tmp_path / "report")
+    inference = json.loads((result.out_dir / "statistical_inference.json").read_text())["tinker_vs_unsloth"]
+    assert inference and all(r["not_computable"] == NOT_COMPUTABLE and r["paired_ttest"] is None for r in inference.values())
+    assert result.metrics["tinker"]["field_f1_overall"] >= 0 and len(result.plots) == len(NEWS_PLOTS)
+    report = result.report.read_text()
+    assert NOT_COMPUTABLE in report and "| f1_overall |" in report
+
+
+def test_compare_into_an_earlier_report_leaves_no_stale_file(agnews_dirs: list[Path], tracking_env: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ag"
+    compare(_cfg(tracking_env, "eval.bootstrap_resamples=1000"), [str(p) for p in agnews_dirs], None, out)
+    stale = out / "plots" / "from-an-older-report.png"
+    stale.write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")  # not a report file: kept
+    result = compare(_cfg(tracking_env, "eval.bootstrap_resamples=1000"), [str(p) for p in agnews_dirs], ["a", "b"], out)
+    assert not stale.exists() and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(p.name for p in result.plots)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]

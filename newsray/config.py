@@ -177,6 +177,7 @@ class ServeConfig(_Section):
     auth_token_file: str | None = Field(None, description="File holding the bearer token (e.g. a mounted secret), read when auth_token_env is unset or empty.")
     max_replicas: int | None = Field(None, gt=0, description="Autoscale model replicas between num_replicas and this; None = a fixed num_replicas.")
     target_ongoing_requests: float = Field(8.0, gt=0, description="Autoscaling target of in-flight requests per model replica.")
+    request_timeout_s: float = Field(300.0, gt=0, description="A request not answered within this many seconds (queueing included) gets 504 and its generation is cancelled.")
 
     @model_validator(mode="after")
     def _serve_checks(self) -> "ServeConfig":

@@ -15,3 +15,7 @@ class DataError(NewsrayError):
 
 class ModelError(NewsrayError):
     """A model cannot be resolved or prepared."""
+
+
+class GenerationError(NewsrayError):
+    """Constrained decoding cannot go on: a row left its grammar, or the grammar cannot be built for the tokenizer."""

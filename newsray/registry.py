@@ -72,6 +72,28 @@ def champion(cfg: Config) -> Any | None:
         return None
 
 
+def pin_alias(cfg: Config, model_ref: str) -> str:
+    """`models:/<name>@<alias>` -> `models:/<name>/<version>` it points at now (ModelError if none); any other ref unchanged.
+
+    Serve pins at deploy time, so every replica (started now or later) loads the same version, and a new
+    champion reaches the endpoint only by redeploying."""
+    from mlflow.exceptions import MlflowException
+
+    from newsray.tracking import tracking_uri
+
+    ref = model_ref.strip()
+    if not ref.startswith("models:/") or "@" not in ref:
+        return ref
+    name, _, alias = ref[len("models:/"):].partition("@")
+    try:
+        version = _client(cfg).get_model_version_by_alias(name, alias.strip("/")).version
+    except MlflowException as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModelError(f"{ref}: the registry at {tracking_uri(cfg)} has no version under that alias ({first}); "
+                         "check the model name and alias (newsray register / the MLflow UI).") from None
+    return f"models:/{name}/{version}"
+
+
 def _decide(current: Any | None, objective: str, value: float, mode: str, basis: str) -> tuple[bool, str]:
     """(move the alias?, why) for a new version against the current champion version."""
     if current is None:

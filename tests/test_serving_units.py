@@ -68,15 +68,28 @@ def test_public_paths_are_matched_below_the_route_prefix():
 
 
 def test_model_ids_and_refs(tmp_path):
+    """Ids as requests name them; a registry alias pinned to its version (a real SQLite registry)."""
+    from mlflow import MlflowClient
+
     adapter = tmp_path / "runs" / "alpha"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")
-    cfg = load_config(None, [f"serve.adapters={{alpha: {adapter}, champ: 'models:/newsray-news@champion'}}"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("newsray-news")
+    for _ in range(2):
+        client.create_model_version("newsray-news", source=str(adapter))
+    client.set_registered_model_alias("newsray-news", "champion", "2")
+    track = f"tracking.uri={uri}"
+    cfg = load_config(None, [track, f"serve.adapters={{alpha: {adapter}, champ: 'models:/newsray-news@champion'}}"])
     default, refs = resolve_models(cfg, "baseline")
     assert default == "baseline"
-    assert refs == {"baseline": "baseline", "alpha": str(adapter), "champ": "models:/newsray-news@champion"}
-    default, refs = resolve_models(load_config(None, []), "models:/newsray-news@champion")
-    assert default == "newsray-news-champion"
+    assert refs == {"baseline": "baseline", "alpha": str(adapter), "champ": "models:/newsray-news/2"}
+    default, refs = resolve_models(load_config(None, [track]), "models:/newsray-news@champion")
+    assert default == "newsray-news-champion" and refs[default] == "models:/newsray-news/2"  # the id keeps the alias's name
+    with pytest.raises(ModelError, match="no version under that alias") as info:
+        resolve_models(load_config(None, [track]), "models:/newsray-news@nope")
+    assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="already the default"):
         resolve_models(load_config(None, [f"serve.adapters={{alpha: {adapter}}}"]), str(adapter))
     with pytest.raises(ModelError, match="not a PEFT adapter directory"):

@@ -2,8 +2,8 @@
 
 A fixed number of slots decode together. Every step (1) admits waiting requests into free slots
 and prefills them (right-padded, one forward), then (2) decodes one token for every active slot.
-A row that finishes (end-of-turn/EOS, its first JSON object closed, its budget, or an error of
-its own) frees its slot, which the next waiting request takes at the next step: the batch stays
+A row that finishes (end-of-turn/EOS, its first JSON object closed, its budget, or its grammar
+failing: reason "error", the tokens so far kept) frees its slot, which the next waiting request takes at the next step: the batch stays
 full while work is queued, as in vLLM. Each layer's keys and values live in one preallocated
 tensor per layer, [slots, kv_heads, length, head_dim], written in place (`SlotCache`); a decode
 step attends over a view of the first `hi` slots up to the longest active row, so nothing is
@@ -29,11 +29,12 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from newsray.errors import GenerationError
 from newsray.generation.stop import JsonScanner
 
 log = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "json_end", "length"]
+FinishReason = Literal["stop", "json_end", "length", "error"]  # error: the row's grammar failed (Request.error says how)
 
 
 @dataclass(eq=False)
@@ -46,6 +47,7 @@ class Request:
     json_stop: bool = False
     tokens: list[int] = field(default_factory=list)
     reason: FinishReason = "length"
+    error: str | None = None  # reason "error": one sentence; the other rows of the batch go on
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     scanner: JsonScanner | None = None
     admitted_step: int = -1  # engine.steps when the row took its slot, and when it left it
@@ -305,11 +307,8 @@ class Engine:
                 if r.grammar is not None:
                     try:
                         r.grammar.consume(tok)
-                    except RuntimeError as e:  # this row's grammar failed: only this row ends
-                        self.rows[s] = None
-                        if not r.future.done():
-                            r.future.set_exception(e)
-                        continue
+                    except GenerationError as e:  # this row's grammar failed: only this row ends, as data
+                        r.reason, r.error, done = "error", str(e), True
             if done or r.future.cancelled():
                 self.rows[s] = None
                 r.finished_step = self.steps

@@ -34,7 +34,8 @@ class GenerationResult:
 
     text: str
     n_new_tokens: int
-    finish_reason: FinishReason  # stop: end-of-turn/EOS; json_end: first JSON object closed; length: budget
+    finish_reason: FinishReason  # stop: end-of-turn/EOS; json_end: first JSON object closed; length: budget; error: see error
+    error: str | None = None  # finish_reason "error": why the row's constrained decoding stopped (text = its tokens so far)
 
 
 class Generator:
@@ -98,7 +99,7 @@ class Generator:
     def result(self, req: Request) -> GenerationResult:
         toks = req.tokens if req.reason != "stop" else req.tokens[:-1]
         text = self.tokenizer.decode(toks, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return GenerationResult(text, len(req.tokens), req.reason)
+        return GenerationResult(text, len(req.tokens), req.reason, req.error)
 
     def generate(self, messages_batch: list[list[dict[str, str]]], max_new_tokens: int,
                  constrained: bool = False) -> list[GenerationResult]:

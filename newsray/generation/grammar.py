@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from newsray.errors import GenerationError
 from newsray.generation.stop import JsonScanner
 
 
@@ -57,7 +58,8 @@ class TaskConstraint:
         self.grammar, self.reserve = news_grammar() if task == "news" else agnews_grammar()
         problem = LLMatcher.validate_grammar(self.grammar, self.ll_tokenizer)
         if problem:
-            raise RuntimeError(f"the {task} grammar is invalid for this tokenizer: {problem}")
+            raise GenerationError(f"the {task} answer grammar cannot be expressed with this model's tokenizer ({str(problem)[:300]}); "
+                                  "run without constrained decoding (eval.constrained=false / serve.constrained=false).")
         self.executor = llguidance.LLExecutor(num_threads=1)
         self.stop_ids = set(stop_ids)
         self.texts = token_texts
@@ -102,9 +104,9 @@ class RowGrammar:
         self.scanner = JsonScanner()
 
     def consume(self, tok: int) -> None:
-        """Feed the token the row generated (RuntimeError if its grammar does not allow it)."""
+        """Feed the token the row generated (GenerationError if its grammar does not allow it)."""
         if not self.matcher.consume_token(tok):
-            raise RuntimeError(f"constrained decoding left its grammar ({self.matcher.get_error()[:300]})")
+            raise GenerationError(f"constrained decoding left its grammar at token {self.step} ({self.matcher.get_error()[:300]})")
         self.scanner.feed(self.c.texts[tok] if tok < len(self.c.texts) else "")
         self.step += 1
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from newsray.config import Config, DataConfig, ServeConfig, load_config
-from newsray.errors import ConfigError, ModelError, NewsrayError
+from newsray.errors import ConfigError, GenerationError, ModelError, NewsrayError
 from newsray.serving import on_cluster
 
 log = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica logs with request ids
@@ -37,7 +37,7 @@ APP_NAME = "newsray"
 MODEL_DEPLOYMENT = "NewsrayModel"
 INGRESS_DEPLOYMENT = "NewsrayIngress"
 ENDPOINT = {"news": "/v1/analyze", "agnews": "/v1/classify"}
-_FINISH = {"stop": "stop", "json_end": "stop", "length": "length"}
+_FINISH = {"stop": "stop", "json_end": "stop", "length": "length", "error": "stop"}
 
 
 # ------------------------------------------------------------------ driver-side helpers
@@ -75,15 +75,20 @@ def _normalize_ref(ref: str, where: str) -> str:
 
 
 def resolve_models(cfg: Config, model_ref: str) -> tuple[str, dict[str, str]]:
-    """(default model id, {id: model_ref}) from --model and serve.adapters; ids are what requests name."""
+    """(default model id, {id: model_ref}) from --model and serve.adapters; ids are what requests name.
+
+    A registry alias (models:/name@champion) is pinned here, once, to the version it points at
+    (newsray.registry.pin_alias): replicas started later load that version too; the id stays the alias's.
+    """
     from newsray.generation import model_slug
+    from newsray.registry import pin_alias
 
     default_id = cfg.serve.model_name or model_slug(model_ref)
-    refs = {default_id: _normalize_ref(model_ref, "--model")}
+    refs = {default_id: pin_alias(cfg, _normalize_ref(model_ref, "--model"))}
     for model_id, ref in cfg.serve.adapters.items():
         if model_id in refs:
             raise ConfigError(f"serve.adapters: id {model_id!r} is already the default model's id; choose another id.")
-        refs[model_id] = _normalize_ref(ref, f"serve.adapters.{model_id}")
+        refs[model_id] = pin_alias(cfg, _normalize_ref(ref, f"serve.adapters.{model_id}"))
     return default_id, refs
 
 
@@ -209,21 +214,32 @@ class ModelServer:
         if n_prompt + budget > formatter.max_seq_length:
             return _err(422, "prompt_too_long", f"the prompt has {n_prompt} tokens; with max_new_tokens={budget} it exceeds "
                         f"the model's {formatter.max_seq_length}-token window (model.max_seq_length): shorten the input.")
-        result = await loaded.generator.agenerate(messages, budget, constrained)
+        try:
+            result = await loaded.generator.agenerate(messages, budget, constrained)
+            if result.finish_reason == "error" and kind == "chat":
+                return _err(502, "generation_failed", f"model {model_id!r}: {result.error}", raw_text=result.text)
+        except GenerationError as e:  # the grammar cannot be built for this model's tokenizer
+            return _err(502, "generation_failed", f"model {model_id!r}: {e}")
         if kind == "chat":
             text, reason = _apply_stops(result.text, request.get("stops") or [], _FINISH[result.finish_reason])
             usage = {"prompt_tokens": n_prompt, "completion_tokens": result.n_new_tokens, "total_tokens": n_prompt + result.n_new_tokens}
-            return {"text": text, "finish_reason": reason, "usage": usage}
+            return {"text": text, "finish_reason": reason, "usage": usage, "model_ref": self.refs[model_id]}
         answer = _validate(kind, result.text)
         if answer is None and not constrained and self.cfg.serve.retry_constrained:
             constrained = True
-            result = await loaded.generator.agenerate(messages, budget, True)
+            try:
+                result = await loaded.generator.agenerate(messages, budget, True)
+            except GenerationError as e:
+                return _err(502, "generation_failed", f"model {model_id!r}: {e}")
             answer = _validate(kind, result.text)
+        if answer is None and result.finish_reason == "error":
+            return _err(502, "generation_failed", f"model {model_id!r}: {result.error}", raw_text=result.text)
         if answer is None:
             what = "JSON answer matching the news schema" if kind == "analyze" else "AG News label"
             return _err(502, "invalid_model_output", f"model {model_id!r} did not produce a valid {what} within "
                         f"{budget} new tokens (finish_reason={result.finish_reason}); raw_text holds its output.", raw_text=result.text)
-        return {**answer, "model": model_id, "finish_reason": _FINISH[result.finish_reason], "constrained": constrained}
+        return {**answer, "model": model_id, "model_ref": self.refs[model_id], "finish_reason": _FINISH[result.finish_reason],
+                "constrained": constrained}
 
 
 def _validate(kind: str, text: str) -> dict[str, Any] | None:
@@ -262,16 +278,26 @@ class Ingress:
         return make_api(self)
 
     async def call(self, model_id: str, request: dict[str, Any]) -> dict[str, Any]:
+        """The model deployment's answer; a replica that is gone or restarting is a retryable 503, no answer
+        within serve.request_timeout_s a 504 (the request is cancelled: its engine slot is freed)."""
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
         if model_id not in self._handles:
             self._handles[model_id] = self.model if model_id == self.default_id else self.model.options(multiplexed_model_id=model_id)
         handle = self._handles[model_id]
+        response = handle.respond.remote(model_id, request)
         try:
-            return await handle.respond.remote(model_id, request)
-        except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+            return await asyncio.wait_for(response, timeout=self.scfg.request_timeout_s)
+        except (RayActorError, ActorDiedError, ActorUnavailableError, DeploymentUnavailableError, ReplicaUnavailableError) as e:
             log.warning("model replica unavailable: %s", type(e).__name__)
             return _err(503, "replica_unavailable", "the model replica died or is restarting; retry shortly.")
+        except BackPressureError:
+            return _err(503, "overloaded", "every model replica has its queue full (max_ongoing_requests); retry shortly.")
+        except TimeoutError:
+            response.cancel()
+            return _err(504, "timeout", f"no answer within {self.scfg.request_timeout_s:g} s (serve.request_timeout_s); "
+                        "the request was cancelled: retry later or with a smaller max_new_tokens.")
 
     async def ready(self) -> dict[str, Any]:
         return await asyncio.wait_for(self.model.ready.remote(), timeout=5)

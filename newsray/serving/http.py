@@ -21,7 +21,7 @@ from newsray.serving.schemas import (
 
 log = logging.getLogger("ray.serve")
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # everything else needs the token when auth is on
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 502, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 502, 503, 504)}
 
 
 class Backend(Protocol):
@@ -217,7 +217,7 @@ def make_api(backend: Backend) -> FastAPI:
         if isinstance(out, JSONResponse):
             return out
         return ChatCompletionResponse.model_validate({
-            "model": model_id, "usage": out["usage"],
+            "model": model_id, "usage": out["usage"], "system_fingerprint": out.get("model_ref"),
             "choices": [{"message": {"content": out["text"]}, "finish_reason": out["finish_reason"]}]})
 
     return app

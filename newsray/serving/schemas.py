@@ -57,6 +57,8 @@ class ClassifyRequest(_Request):
 
 class _Timed(BaseModel):
     model: str = Field(description="Id of the model that answered.")
+    model_ref: str = Field(description="What that id resolved to when the app was deployed: models:/<name>/<version> for a registry alias "
+                           "(pinned: every replica serves this version until the app is redeployed), else the adapter directory, runs:/ URI or baseline.")
     latency_ms: float = Field(description="Time spent in the server, including queueing and batching.")
     finish_reason: Literal["stop", "length"] = Field(description="stop: the answer ended itself; length: the budget ran out.")
     constrained: bool = Field(description="Whether the returned answer came from constrained decoding.")
@@ -169,6 +171,7 @@ class ChatCompletionResponse(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+    system_fingerprint: str | None = Field(None, description="The model reference the id resolved to at deploy time (as model_ref of /v1/analyze).")
     choices: list[ChatChoice]
     usage: Usage
 

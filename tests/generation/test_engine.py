@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from newsray.config import Config, DataConfig, ModelConfig
+from newsray.errors import GenerationError
 from newsray.generation import Generator, SlotCache, load_generator
 from newsray.tasks import get_task
 
@@ -104,3 +105,22 @@ def test_rows_longer_than_the_window_still_decode(gen, prompts, alone):
     assert small.cache.length >= len(prompt) + 12
     assert gen.result(req) == alone[0]
     small.close()
+
+
+@pytest.mark.slow
+def test_a_row_whose_grammar_fails_ends_alone_as_data(gen, prompts, alone):
+    """A row whose matcher is in error (a grammar llguidance rejects) ends at once, as data (no exception);
+    the row beside it in the same batch decodes exactly as it does alone. (With SmolLM2 an all-forbidden
+    mask lands on token 0, its EOS: the row stops; a token the matcher refuses ends it as "error".)"""
+    from llguidance import LLMatcher
+
+    broken = gen.request(prompts[0], 12, constrained=True)
+    broken.grammar.matcher = LLMatcher(broken.grammar.c.ll_tokenizer, '{"grammars": [{"lark_grammar": "start: ("}]}', log_level=0)
+    assert broken.grammar.matcher.is_error()  # a real llguidance matcher, really broken
+    fine = gen.request(prompts[1], 16)
+    done = gen.engine.run([broken, fine])
+    assert done[0].reason in ("stop", "error") and len(done[0].tokens) == 1 and gen.result(done[0]).text == ""
+    assert gen.result(done[1]) == alone[1]
+    g = gen.request(prompts[0], 12, constrained=True).grammar
+    with pytest.raises(GenerationError, match="left its grammar at token 0"):  # what the engine turns into reason "error"
+        g.consume(gen.tokenizer(" 5", add_special_tokens=False)["input_ids"][0])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from newsray.config import Config, DataConfig, ModelConfig, TrackingConfig
-from newsray.errors import ModelError
+from newsray.errors import GenerationError, ModelError
 from newsray.generation import (
     Generator,
     JsonScanner,
@@ -303,7 +303,7 @@ def test_grammar_processor_on_a_llama3_token_stream(llama3_tokenizer):
     rest = allowed(g)
     assert rest and set(rest) <= set(stop)  # the object is closed: only end-of-turn may follow
     assert pad not in rest
-    with pytest.raises(RuntimeError, match="left its grammar"):
+    with pytest.raises(GenerationError, match="left its grammar"):
         g.consume(tok(" more", add_special_tokens=False)["input_ids"][0])
 
     prefix = tok('{"relevance_score": 5, "summary": "A long', add_special_tokens=False)["input_ids"]

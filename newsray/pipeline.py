@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -110,6 +111,12 @@ def ask(cfg: Config, url: str, timeout_s: float = 600) -> dict[str, Any]:
             return json.loads(resp.read())
     except urllib.error.HTTPError as e:
         raise ModelError(f"{url}{path} answered HTTP {e.code}: {e.read()[:300].decode(errors='replace')}") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:  # refused, reset, or no answer in time
+        why = getattr(e, "reason", e)
+        what = f"gave no answer within {timeout_s:g} s" if isinstance(why, TimeoutError) or isinstance(e, TimeoutError) else f"cannot be reached ({why})"
+        raise ModelError(f"{url}{path} {what}; check that the Serve app is up (GET {url}/readyz).") from None
+    except ValueError as e:  # not JSON
+        raise ModelError(f"{url}{path} answered something that is not JSON ({str(e)[:100]}).") from None
 
 
 @contextmanager
@@ -136,7 +143,7 @@ def pipeline(cfg: Config) -> PipelineResult:
     from newsray.search import objective_of, val_objective
     from newsray.tasks import get_task
     from newsray.train import train
-    from newsray.tune import tune
+    from newsray.tune import prepare, tune
 
     console, times, started = Console(soft_wrap=True), {}, time.perf_counter()
     if not console.is_terminal:
@@ -147,6 +154,7 @@ def pipeline(cfg: Config) -> PipelineResult:
         from newsray.serving import check_port
 
         check_port(cfg)  # before the search, not after it
+    prepared = prepare(tcfg)  # the search's checks (backend, precision, search space, data) before any run is opened
     import transformers  # noqa: F401 - before Ray: in a submitted job, joining the cluster can re-extract the job's
     # working dir (the cwd) under the same path, and transformers reads the cwd when it is first imported
 
@@ -158,7 +166,7 @@ def pipeline(cfg: Config) -> PipelineResult:
         t = tcfg.tune
         n = "grid" if t.search_alg == "grid" else f"{t.num_samples} trials"
         with _stage(console, times, "tune", f"{n} x {t.max_steps_per_trial} steps, {t.search_alg} search, ASHA on val_loss, objective {objective}"):
-            best = tune(tcfg)
+            best = tune(tcfg, prepared=prepared)
         fcfg = final_config(cfg, best.best_params)
         steps = fcfg.train.max_steps or f"{fcfg.train.epochs:g} epochs"
         with _stage(console, times, "train", f"best values {best.best_params} for {steps} steps on the training split"):

@@ -128,8 +128,11 @@ def find_search(cfg: Config) -> Path:
     return max(found, key=lambda p: (p / SEARCH_FILE).stat().st_mtime)
 
 
-def tune(cfg: Config, resume: bool = False) -> TuneResult:
-    """Search lr / LoRA rank / batch size with Ray Tune over Ray Train; register the best adapter."""
+def tune(cfg: Config, resume: bool = False, prepared: Any = None) -> TuneResult:
+    """Search lr / LoRA rank / batch size with Ray Tune over Ray Train; register the best adapter.
+
+    prepared: what `prepare(cfg)` returned, when the caller ran the checks already (the pipeline does,
+    before it opens its MLflow run); a resumed search prepares its own saved config."""
     import mlflow
     import ray
 
@@ -151,7 +154,7 @@ def tune(cfg: Config, resume: bool = False) -> TuneResult:
         state = {"name": name, "task": cfg.data.task, "status": "new"}
     name = state["name"]
     objective, mode = objective_of(base)
-    data = prepare(base)
+    data = prepared if prepared is not None and not resume else prepare(base)
     base.tracking.uri = tracking.tracking_uri(base)  # absolute, for the trial actors
     init_ray(base)
     check_resources(base, ray.cluster_resources().get("CPU", 0.0), in_process=not (base.ray.address or os.environ.get("RAY_ADDRESS")))

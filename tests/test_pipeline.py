@@ -77,3 +77,59 @@ def test_pipeline_smoke(tmp_path, data_dir, embedded_model, monkeypatch):
 
     with pytest.raises(OSError):  # Serve was stopped after its one request
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_the_pipeline_request_refused_silent_or_not_json_is_one_sentence(tmp_path):
+    """newsray.pipeline.ask against real loopback sockets: refused, accepted but silent, an answer that is not JSON."""
+    import http.server
+    import threading
+
+    from newsray.config import load_config
+    from newsray.errors import ModelError
+    from newsray.pipeline import ask
+
+    cfg = load_config(None, ["data.task=agnews"])
+    with pytest.raises(ModelError, match="cannot be reached") as info:
+        ask(cfg, f"http://127.0.0.1:{free_port()}", timeout_s=5)
+    assert "\n" not in str(info.value)
+    with socket.socket() as silent:  # accepts the connection, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        with pytest.raises(ModelError, match="gave no answer within 1 s"):
+            ask(cfg, f"http://127.0.0.1:{silent.getsockname()[1]}", timeout_s=1)
+
+    class Html(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>a proxy page</html>")
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Html)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ModelError, match="not JSON"):
+            ask(cfg, f"http://127.0.0.1:{srv.server_port}", timeout_s=10)
+    finally:
+        srv.shutdown()
+
+
+def test_a_pipeline_failing_its_checks_leaves_no_run(tmp_path, data_dir, embedded_model):
+    """A setting the search refuses (a GPU optimizer on CPU) ends in one sentence before any MLflow run is opened."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"MLFLOW_TRACKING_URI": uri}
+    r = subprocess.run([sys.executable, "-m", "newsray.cli", "pipeline", "data.task=agnews", f"data.root={data_dir}", "data.val_fraction=0.1",
+                        "train.optimizer=adamw_8bit", f"tracking.run_dir={tmp_path / 'runs'}", f"serve.port={free_port()}"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 2 and "bitsandbytes GPU optimizer" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    exps = mlflow.MlflowClient(uri).search_experiments() if (tmp_path / "runs" / "mlflow.db").exists() else []
+    assert not [run for e in exps for run in mlflow.MlflowClient(uri).search_runs([e.experiment_id])]  # no empty FAILED run

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import secrets
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,17 @@ def _storage(cfg: Config) -> Path:
 
 
 def _read_state(path: Path) -> dict[str, Any]:
-    return json.loads((path / SEARCH_FILE).read_text())
+    """A search's state file (ConfigError naming it if it is unreadable: the search cannot be resumed from it)."""
+    file = path / SEARCH_FILE
+    try:
+        state = json.loads(file.read_text())
+        if isinstance(state, dict) and isinstance(state.get("name"), str):
+            return state
+        problem = "it is not a newsray search state (no name)"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = f"{type(e).__name__}: {str(e)[:120]}"
+    raise ConfigError(f"{file} cannot be read ({problem}); the search in {path} cannot be resumed: start a new search "
+                      "(another tune.name), or restore the file.")
 
 
 def _write_state(path: Path, state: dict[str, Any]) -> None:
@@ -121,8 +132,15 @@ def find_search(cfg: Config) -> Path:
         if _read_state(path).get("status") == "finished":
             raise ConfigError(f"search {cfg.tune.name} already finished (see {path / SEARCH_FILE}); start a new search without --resume.")
         return path
-    found = [p.parent for p in storage.glob(f"*/{SEARCH_FILE}")
-             if _read_state(p.parent).get("status") != "finished" and _read_state(p.parent).get("task") == cfg.data.task]
+    found = []
+    for p in storage.glob(f"*/{SEARCH_FILE}"):
+        try:
+            state = _read_state(p.parent)
+        except ConfigError as e:  # one unreadable search does not hide the others
+            print(f"newsray: warning: skipped: {e}", file=sys.stderr)
+            continue
+        if state.get("status") != "finished" and state.get("task") == cfg.data.task:
+            found.append(p.parent)
     if not found:
         raise ConfigError(f"--resume: no unfinished {cfg.data.task} search under {storage}; start one without --resume (or name it with tune.name=NAME).")
     return max(found, key=lambda p: (p / SEARCH_FILE).stat().st_mtime)

@@ -120,3 +120,17 @@ def test_cli_prints_one_line_without_traceback(tmp_path, data_dir):
     r = subprocess.run([cli, "tune", *tiny(tmp_path, data_dir, "tune.objective=f1")], check=False, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "error: tune.objective=f1: the agnews task has no f1 objective" in r.stderr
+
+
+def test_a_corrupt_search_state_is_one_sentence(tmp_path, data_dir, capsys):
+    from newsray.tune import SEARCH_FILE, tune
+
+    storage = tmp_path / "ray"
+    (storage / "broken").mkdir(parents=True)
+    (storage / "broken" / SEARCH_FILE).write_text('{"name": "broken", "status": "runn')  # cut off mid-write
+    with pytest.raises(ConfigError, match=r"newsray_tune.json cannot be read \(JSONDecodeError") as info:
+        tune(load_config(None, tiny(tmp_path, data_dir, "tune.name=broken")), resume=True)
+    assert "\n" not in str(info.value) and "start a new search" in str(info.value)
+    with pytest.raises(ConfigError, match=r"--resume: no unfinished agnews search under"):  # unnamed: skipped with a warning
+        tune(load_config(None, tiny(tmp_path, data_dir)), resume=True)
+    assert "skipped" in capsys.readouterr().err

@@ -195,6 +195,19 @@ def evaluate_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[st
     out.print(f"MLflow run: {res.run_id}", highlight=False)
 
 
+@app.command("analyze")
+def analyze_cmd(input_uri: str = typer.Argument(..., metavar="INPUT", help="JSONL, CSV or Parquet of items with the task's input fields (a path or s3://, gs://, ... URI)."),
+                config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
+                model: str = typer.Option("baseline", "--model", "-m", help="baseline, a PEFT adapter directory, or an MLflow URI (models:/NAME@ALIAS is pinned to its version)."),
+                out_path: str = typer.Option(..., "--out", help="OUT.jsonl (JSON lines) or a directory of Parquet parts; a re-run with the same OUT does only the missing items.")) -> None:
+    """Run a model over new items on Ray Data (the evaluation's generation path); restartable (docs/ANALYZE.md)."""
+    from newsray.analyze import analyze
+
+    res = analyze(_load(config, overrides), input_uri, model, out_path, progress=out.is_terminal)
+    out.print(f"analyzed {res.rows_written} item(s) with {escape(res.model_ref)} in {res.wall_s:.0f} s "
+              f"({res.rows_skipped} already in the output, {res.rows_failed} with an error): {escape(res.out)}", highlight=False)
+
+
 @app.command("serve")
 def serve_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
               model: str = typer.Option("baseline", "--model", "-m", help="baseline, a PEFT adapter directory, or an MLflow URI (runs:/ID/PATH, models:/NAME@ALIAS)."),

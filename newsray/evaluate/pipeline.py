@@ -99,17 +99,30 @@ class GeneratorActor:
             "actor_pid": [os.getpid()] * len(results),
             "dtype": [self.dtype] * len(results),
             "engine": ["newsray"] * len(results),
+            "error": [r.error for r in results],  # finish_reason "error": why (the row is kept as data)
         }
 
 
 def _generate(cfg: Config, model_ref: str, spec: ModelSpec, examples: list[Example]) -> list[dict[str, Any]]:
     """Run the actor pool (or vLLM's processor, eval.engine) over the examples; rows in test-set order, each exactly once."""
-    import ray
-
     items = [{"row": i, "messages": json.dumps(ex.messages())} for i, ex in enumerate(examples)]
     if vllm.choose(cfg.eval.engine, cfg.eval.gpus_per_actor) == "vllm":
         return _vllm_rows(cfg, spec, items)
     items.sort(key=lambda it: len(it["messages"]))  # similar lengths batch together (less padding); "row" restores order
+    rows = sorted(generation_dataset(cfg, model_ref, spec, items).take_all(), key=lambda r: int(r["row"]))
+    got = [int(r["row"]) for r in rows]
+    if got != list(range(len(examples))):
+        missing = sorted(set(range(len(examples))) - set(got))
+        dup = sorted({g for g in got if got.count(g) > 1})
+        raise RuntimeError(f"evaluation lost rows {missing[:10]} or duplicated rows {dup[:10]} of {len(examples)}")
+    return rows
+
+
+def generation_dataset(cfg: Config, model_ref: str, spec: ModelSpec, items: list[dict[str, Any]]) -> Any:
+    """The lazy Ray Data dataset of `items` ({"row", "messages": JSON chat}) through the GeneratorActor pool:
+    one output row per item, in any order. evaluate takes all of it; `newsray analyze` streams it."""
+    import ray
+
     e = cfg.eval
     # Rows per actor call: enough to keep the engine's eval.batch_size slots full (continuous batching
     # drains only at the end of a call), at least two calls per actor so every actor gets rows, at
@@ -130,13 +143,7 @@ def _generate(cfg: Config, model_ref: str, spec: ModelSpec, examples: list[Examp
             max_restarts=e.max_actor_restarts,
             max_task_retries=e.max_actor_restarts,
         )
-    rows = sorted(out.take_all(), key=lambda r: int(r["row"]))
-    got = [int(r["row"]) for r in rows]
-    if got != list(range(len(examples))):
-        missing = sorted(set(range(len(examples))) - set(got))
-        dup = sorted({g for g in got if got.count(g) > 1})
-        raise RuntimeError(f"evaluation lost rows {missing[:10]} or duplicated rows {dup[:10]} of {len(examples)}")
-    return rows
+    return out
 
 
 def _vllm_rows(cfg: Config, spec: ModelSpec, items: list[dict[str, Any]]) -> list[dict[str, Any]]:

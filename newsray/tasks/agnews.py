@@ -61,6 +61,7 @@ class AgNewsTask(Task):
     """AG News (World, Sports, Business, Sci/Tech) from the official CSV."""
 
     name = "agnews"
+    input_fields = ("title", "description")  # the AG News CSV's columns (Serve's /v1/classify sends title + content)
 
     def files(self) -> dict[str, Path]:
         # One CSV serves both splits (the published train split is not available here).
@@ -98,5 +99,6 @@ class AgNewsTask(Task):
         return out
 
     def make_user_prompt(self, **fields: str) -> str:
-        text = fields.get("text") or f"{fields.get('title', '')} {fields.get('content', '')}".strip()
+        body = fields.get("content") or fields.get("description") or ""
+        text = fields.get("text") or f"{fields.get('title', '')} {body}".strip()
         return PROMPT_TEMPLATE.format(text=text)

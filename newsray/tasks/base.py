@@ -86,6 +86,8 @@ class Task(ABC):
     """A task: its files, its examples, and how to read a model's answer."""
 
     name: str
+    #: the fields a new item must carry (`newsray analyze` reads them; make_user_prompt takes them)
+    input_fields: tuple[str, ...] = ()
     #: the published prompt/answer format is the same for training, evaluation and serving
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg

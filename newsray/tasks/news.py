@@ -183,6 +183,7 @@ class NewsTask(Task):
     """Newsletter items annotated with relevance, summary, key insights and company names."""
 
     name = "news"
+    input_fields = ("title", "content")
 
     def files(self) -> dict[str, Path]:
         return {

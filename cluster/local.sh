@@ -92,13 +92,22 @@ start_head() {
 }
 
 start_worker() {
-  local k=$1 p=$((WORKER_PORT_BASE + 10 * $1))
+  local k=$1 p=$((WORKER_PORT_BASE + 10 * $1)) ports
   running "worker-$k" && return 0
+  if [ -f "$(pidfile "worker-$k")" ]; then
+    # A replacement for a node that died: its gRPC servers on ports Ray picks (free ones), not the
+    # dead node's. The GCS still holds a channel to the dead raylet's address, in reconnect backoff;
+    # a new raylet on the same address was refused ("Connection refused") while the GCS placed a
+    # placement group on it, and the GCS's view of its CPU never recovered: Ray Train waited forever.
+    ports=(--dashboard-agent-listen-port="$((p + 2))")
+  else
+    ports=(--node-manager-port="$p" --object-manager-port="$((p + 1))"
+           --dashboard-agent-listen-port="$((p + 2))" --dashboard-agent-grpc-port="$((p + 3))"
+           --runtime-env-agent-port="$((p + 4))" --metrics-export-port="$((p + 5))")
+  fi
   launch "worker-$k" ray start --block --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 \
     --num-cpus="$WORKER_CPUS" --resources="{\"newsray_worker_$k\": 1}" --object-store-memory=$((OBJECT_STORE_MB * 1024 * 1024)) \
-    --node-manager-port="$p" --object-manager-port="$((p + 1))" \
-    --dashboard-agent-listen-port="$((p + 2))" --dashboard-agent-grpc-port="$((p + 3))" \
-    --runtime-env-agent-port="$((p + 4))" --metrics-export-port="$((p + 5))" --disable-usage-stats
+    "${ports[@]}" --disable-usage-stats
   echo "Ray worker node $k starting (pid $(cat "$(pidfile "worker-$k")")): $WORKER_CPUS CPU, resource newsray_worker_$k"
 }
 

@@ -208,7 +208,10 @@ def test_evaluate_with_two_actors_on_two_nodes_equals_one_actor(cluster, tmp_pat
     FACTS["eval_rows_per_actor"] = sorted(pids.values())
 
 
-@pytest.mark.xfail(run=False, reason="fails on the merged main (2026-12-01, twice): the pipeline job's driver dies at its tune stage with 'Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so'; not yet understood (it passed its 8 stages on the branch before the merge)")
+@pytest.mark.xfail(run=False, reason="fails on the merged main (2026-12-01, twice in CI): the pipeline job's driver dies about 4 s "
+                   "after printing its '1/8 tune' header, before any trial starts, with 'Intel oneMKL FATAL ERROR: Cannot load "
+                   ".../libtorch_cpu.so' (the head's Ray logs of that run). The head's runtime_env_agent.log shows the job's working dir "
+                   "was not deleted before the driver died, so the cwd-loss guess is not confirmed; not reproduced or fixed yet")
 def test_pipeline_end_to_end_tune_trials_on_two_nodes_champion_on_the_server(cluster, tmp_path, data_dir, embedded_model):
     """tune (2 trials at once, one per node, nested runs) -> train -> evaluate -> compare -> register (champion) -> serve."""
 
@@ -283,7 +286,6 @@ def test_worker_node_killed_mid_training_resumes_from_the_s3_checkpoint(cluster,
                           "metric_steps": steps}
 
 
-@pytest.mark.xfail(run=False, reason="not run since the merged main's CI run hung in the fault tests before it (2026-12-01); passed on the branch (run FINISHED, steps 1-5 on the server)")
 def test_mlflow_server_restarted_mid_training_does_not_fail_it(cluster, tmp_path, data_dir, embedded_model):
     res, _ = run_submit(cluster, "train", train_args(data_dir, tmp_path, f"s3://{cluster.bucket}/fault", "train.max_steps=5",
                                                      "train.checkpoint_every_steps=5", "train.run_name=mlflow-restart"), wait=False)
@@ -330,6 +332,7 @@ def test_node_killed_mid_evaluation_loses_and_duplicates_no_row(cluster, tmp_pat
     wait_for("a generation actor on worker-2", generating_on_worker2, 600)
     time.sleep(8)  # mid-way: it has generated some rows
     cluster.kill("worker-2")
+    t_kill = time.perf_counter()
     time.sleep(5)
     cluster.sh("start", "--workers", "2")
     status = wait_for("the job to end", lambda: (s := str(jobs.get_job_status(res.job_id).value)) in ("SUCCEEDED", "FAILED", "STOPPED") and s, 900)
@@ -338,10 +341,10 @@ def test_node_killed_mid_evaluation_loses_and_duplicates_no_row(cluster, tmp_pat
     rows = _eval_rows(parse_result(logs)["out_dir"])
     ids = [r["item_id"] for r in rows]
     assert [r["id"] for r in rows] == list(range(8)) and len(set(ids)) == 8  # 0 lost, 0 duplicated
-    FACTS["eval_node_kill"] = {"rows": len(rows), "actor_pids": len({r["actor_pid"] for r in rows})}
+    FACTS["eval_node_kill"] = {"rows": len(rows), "lost": 0, "duplicated": 0, "actor_pids": len({r["actor_pid"] for r in rows}),
+                               "kill_to_job_end_s": round(time.perf_counter() - t_kill, 1)}
 
 
-@pytest.mark.xfail(run=False, reason="not run since the merged main's CI run hung in the fault tests before it (2026-12-01); passed on the branch (18/19 requests 200, 1 dropped connection, 0 x 5xx)")
 def test_serve_two_replicas_on_two_nodes_one_node_killed_under_load(cluster, tmp_path, data_dir, embedded_model):
     import urllib.error
     import urllib.request

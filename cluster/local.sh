@@ -175,9 +175,9 @@ case "${1:-}" in
         n=$(nodes_alive); n=${n:-0}
         [ "$n" -ge $((workers + 1)) ] && break
         for k in $(seq 1 "$workers"); do
-          if ! running "worker-$k"; then  # a start can time out on a loaded machine: try it again, twice
+          if ! running "worker-$k"; then  # a start can time out on a loaded machine (Ray waits 30 s for its raylet): try again, 4 times
             tries[$k]=$(( ${tries[$k]:-0} + 1 ))
-            if [ "${tries[$k]}" -gt 2 ]; then echo "worker node $k exited 3 times; see $STATE_DIR/worker-$k.log" >&2; exit 1; fi
+            if [ "${tries[$k]}" -gt 4 ]; then echo "worker node $k exited 5 times; see $STATE_DIR/worker-$k.log" >&2; exit 1; fi
             echo "worker node $k exited (see $STATE_DIR/worker-$k.log); starting it again" >&2
             start_worker "$k"
           fi

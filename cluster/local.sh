@@ -92,13 +92,22 @@ start_head() {
 }
 
 start_worker() {
-  local k=$1 p=$((WORKER_PORT_BASE + 10 * $1))
+  local k=$1 p=$((WORKER_PORT_BASE + 10 * $1)) ports
   running "worker-$k" && return 0
+  if [ -f "$(pidfile "worker-$k")" ]; then
+    # A replacement for a node that died: its gRPC servers on ports Ray picks (free ones), not the
+    # dead node's. The GCS still holds a channel to the dead raylet's address, in reconnect backoff;
+    # a new raylet on the same address was refused ("Connection refused") while the GCS placed a
+    # placement group on it, and the GCS's view of its CPU never recovered: Ray Train waited forever.
+    ports=(--dashboard-agent-listen-port="$((p + 2))")
+  else
+    ports=(--node-manager-port="$p" --object-manager-port="$((p + 1))"
+           --dashboard-agent-listen-port="$((p + 2))" --dashboard-agent-grpc-port="$((p + 3))"
+           --runtime-env-agent-port="$((p + 4))" --metrics-export-port="$((p + 5))")
+  fi
   launch "worker-$k" ray start --block --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 \
     --num-cpus="$WORKER_CPUS" --resources="{\"newsray_worker_$k\": 1}" --object-store-memory=$((OBJECT_STORE_MB * 1024 * 1024)) \
-    --node-manager-port="$p" --object-manager-port="$((p + 1))" \
-    --dashboard-agent-listen-port="$((p + 2))" --dashboard-agent-grpc-port="$((p + 3))" \
-    --runtime-env-agent-port="$((p + 4))" --metrics-export-port="$((p + 5))" --disable-usage-stats
+    "${ports[@]}" --disable-usage-stats
   echo "Ray worker node $k starting (pid $(cat "$(pidfile "worker-$k")")): $WORKER_CPUS CPU, resource newsray_worker_$k"
 }
 
@@ -166,9 +175,9 @@ case "${1:-}" in
         n=$(nodes_alive); n=${n:-0}
         [ "$n" -ge $((workers + 1)) ] && break
         for k in $(seq 1 "$workers"); do
-          if ! running "worker-$k"; then  # a start can time out on a loaded machine: try it again, twice
+          if ! running "worker-$k"; then  # a start can time out on a loaded machine (Ray waits 30 s for its raylet): try again, 4 times
             tries[$k]=$(( ${tries[$k]:-0} + 1 ))
-            if [ "${tries[$k]}" -gt 2 ]; then echo "worker node $k exited 3 times; see $STATE_DIR/worker-$k.log" >&2; exit 1; fi
+            if [ "${tries[$k]}" -gt 4 ]; then echo "worker node $k exited 5 times; see $STATE_DIR/worker-$k.log" >&2; exit 1; fi
             echo "worker node $k exited (see $STATE_DIR/worker-$k.log); starting it again" >&2
             start_worker "$k"
           fi

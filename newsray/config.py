@@ -93,6 +93,7 @@ class TrainConfig(_Section):
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (torch threads follow it).")
     max_failures: int = Field(2, ge=0, description="Worker failures tolerated; the run resumes from the latest checkpoint.")
+    worker_start_retries: int = Field(5, ge=0, description="Tries again to start a worker group whose resources are missing (e.g. a dead node not yet replaced; each try waits $RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, default 60 s) before the run fails with one sentence instead of waiting forever.")
     deepspeed: str | None = Field(None, description="Path to a DeepSpeed ZeRO JSON config (hf backend, multi-GPU).")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient-norm clipping threshold; 0 = no clipping.")
     run_name: str | None = Field(None, description="Ray Train run name (a directory under storage_path); None = a unique <task>-<backend>-<time>-<hex>.")
@@ -143,7 +144,7 @@ class EvalConfig(_Section):
     bootstrap_seed: int = Field(12345, description="Seed of the bootstrap confidence intervals.")
     bootstrap_resamples: int = Field(10000, ge=1000, description="Bootstrap resamples.")
     limit: int | None = Field(None, gt=0, description="Evaluate only the first N test examples (smoke runs).")
-    max_actor_restarts: int = Field(3, ge=0, description="Restarts of a crashed generation actor (its batch is retried as often).")
+    max_actor_restarts: int = Field(3, ge=0, description="Restarts of a crashed generation actor (its unfinished batch is retried on the restarted actor; 0 = no retry).")
     dtype: Literal["auto", "model", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype of the evaluated models; auto = bfloat16 where the actor's device multiplies it natively "
         "(newsray.models.native_bf16: a CUDA GPU with bf16, a CPU with AMX/AVX512-BF16/Arm BF16 or a probe that measures it faster), "

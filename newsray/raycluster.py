@@ -15,7 +15,8 @@ from newsray.config import Config
 _PROPAGATED_ENV = ("OMP_WAIT_POLICY", "MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "HF_HUB_OFFLINE",
                    "HF_HOME", "NEWSRAY_CACHE_DIR", "NEWSRAY_DATA_DIR", "TINKER_BASE_URL", "TINKER_API_KEY",
                    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                   "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_S3_ENDPOINT_URL")
+                   "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_S3_ENDPOINT_URL",
+                   "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:

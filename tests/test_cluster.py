@@ -208,7 +208,10 @@ def test_evaluate_with_two_actors_on_two_nodes_equals_one_actor(cluster, tmp_pat
     FACTS["eval_rows_per_actor"] = sorted(pids.values())
 
 
-@pytest.mark.xfail(run=False, reason="fails on the merged main (2026-12-01, twice): the pipeline job's driver dies at its tune stage with 'Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so'; not yet understood (it passed its 8 stages on the branch before the merge)")
+@pytest.mark.xfail(run=False, reason="fails on the merged main (2026-12-01, twice in CI): the pipeline job's driver dies about 4 s "
+                   "after printing its '1/8 tune' header, before any trial starts, with 'Intel oneMKL FATAL ERROR: Cannot load "
+                   ".../libtorch_cpu.so' (the head's Ray logs of that run). The head's runtime_env_agent.log shows the job's working dir "
+                   "was not deleted before the driver died, so the cwd-loss guess is not confirmed; not reproduced or fixed yet")
 def test_pipeline_end_to_end_tune_trials_on_two_nodes_champion_on_the_server(cluster, tmp_path, data_dir, embedded_model):
     """tune (2 trials at once, one per node, nested runs) -> train -> evaluate -> compare -> register (champion) -> serve."""
 
@@ -251,14 +254,19 @@ def _trial_adapter(tmp_path: Path, child) -> Path:
 # Faults: real processes killed
 
 
-@pytest.mark.xfail(run=False, reason="hung in the fresh-clone CI run of the merged main (2026-12-01): after the kill the Train controller retried 'worker group startup timed out ... waiting for 2 workers' without end; passed on the branch (0 steps repeated)")
+@pytest.mark.xfail(strict=False, reason="not yet passed after this branch's fix (fresh ports for a replacement node, bounded "
+                   "Train retries): in the one whole-file run (2026-12-01 14:30, load average 38 on 2 cores) the replacement node's "
+                   "`ray start` timed out 3 times (Ray waits 30 s for a raylet to register; local.sh now tries 5 times) and Ray Train "
+                   "gave up after 6 tries with newsray's one-sentence error, in bounded time (no hang). Passed alone before the fix "
+                   "(resumed from step 2, 0 steps repeated). Kept running, not blocking CI, until it passes after the fix")
 def test_worker_node_killed_mid_training_resumes_from_the_s3_checkpoint(cluster, tmp_path, data_dir, embedded_model):
     from test_train import assert_loads
 
     prefix = f"{cluster.bucket}/fault/node-kill"
     cluster.sh("start", "--workers", "2")  # every node back (an earlier fault test may have left one dead)
     res, _ = run_submit(cluster, "train", train_args(data_dir, tmp_path, f"s3://{cluster.bucket}/fault", "train.max_steps=6",
-                                                     "train.checkpoint_every_steps=2", "train.max_failures=2", "train.run_name=node-kill"),
+                                                     "train.checkpoint_every_steps=2", "train.max_failures=2", "train.run_name=node-kill",
+                                                     "train.worker_start_retries=8"),  # the replacement may take minutes on a loaded machine
                         wait=False)
     wait_for("the step-2 checkpoint in S3", lambda: f"{prefix}/checkpoint_000002/training_state.pt" in s3_files(cluster, prefix), 900)
     killed = cluster.kill("worker-2")  # its `ray start`, raylet, agents and the Train worker on it
@@ -284,8 +292,12 @@ def test_worker_node_killed_mid_training_resumes_from_the_s3_checkpoint(cluster,
                           "metric_steps": steps}
 
 
-@pytest.mark.xfail(run=False, reason="not run since the merged main's CI run hung in the fault tests before it (2026-12-01); passed on the branch (run FINISHED, steps 1-5 on the server)")
+@pytest.mark.xfail(run=False, reason="not yet passed on this branch: in its one whole-file run (2026-12-01) worker-2's replacement "
+                   "from the node-kill test before it had not come up, so its job was refused by the preflight (1 of 2 workers "
+                   "placeable) and the test waited for a step that never came; it now starts every node first. Passed on the "
+                   "branch that built it (run FINISHED, steps 1-5 on the server)")
 def test_mlflow_server_restarted_mid_training_does_not_fail_it(cluster, tmp_path, data_dir, embedded_model):
+    cluster.sh("start", "--workers", "2")  # every node back (an earlier fault test may have left one dead)
     res, _ = run_submit(cluster, "train", train_args(data_dir, tmp_path, f"s3://{cluster.bucket}/fault", "train.max_steps=5",
                                                      "train.checkpoint_every_steps=5", "train.run_name=mlflow-restart"), wait=False)
     client = mlflow_client(cluster)
@@ -313,10 +325,6 @@ def test_mlflow_server_restarted_mid_training_does_not_fail_it(cluster, tmp_path
     assert sorted(set(steps)) == [1, 2, 3, 4, 5] or logs.count("not logged to MLflow") == 5 - len(set(steps)), (steps, logs[-3000:])
 
 
-@pytest.mark.xfail(run=False, reason="measured 2026-12-01: the evaluation job FAILS when a node holding a generation actor is "
-                   "killed: Ray Data retries the actor's batch while the actor is only 'temporarily unavailable' (ActorUnavailableError) "
-                   "and spends eval.max_actor_restarts=3 task retries within seconds, before the actor is declared dead and restarted; "
-                   "no partial results are written (nothing silently lost). Fix in newsray/evaluate/pipeline.py (being rewritten).")
 def test_node_killed_mid_evaluation_loses_and_duplicates_no_row(cluster, tmp_path, data_dir, embedded_model):
     from ray.job_submission import JobSubmissionClient
 
@@ -335,6 +343,7 @@ def test_node_killed_mid_evaluation_loses_and_duplicates_no_row(cluster, tmp_pat
     wait_for("a generation actor on worker-2", generating_on_worker2, 600)
     time.sleep(8)  # mid-way: it has generated some rows
     cluster.kill("worker-2")
+    t_kill = time.perf_counter()
     time.sleep(5)
     cluster.sh("start", "--workers", "2")
     status = wait_for("the job to end", lambda: (s := str(jobs.get_job_status(res.job_id).value)) in ("SUCCEEDED", "FAILED", "STOPPED") and s, 900)
@@ -343,10 +352,12 @@ def test_node_killed_mid_evaluation_loses_and_duplicates_no_row(cluster, tmp_pat
     rows = _eval_rows(parse_result(logs)["out_dir"])
     ids = [r["item_id"] for r in rows]
     assert [r["id"] for r in rows] == list(range(8)) and len(set(ids)) == 8  # 0 lost, 0 duplicated
-    FACTS["eval_node_kill"] = {"rows": len(rows), "actor_pids": len({r["actor_pid"] for r in rows})}
+    FACTS["eval_node_kill"] = {"rows": len(rows), "lost": 0, "duplicated": 0, "actor_pids": len({r["actor_pid"] for r in rows}),
+                               "kill_to_job_end_s": round(time.perf_counter() - t_kill, 1)}
 
 
-@pytest.mark.xfail(run=False, reason="not run since the merged main's CI run hung in the fault tests before it (2026-12-01); passed on the branch (18/19 requests 200, 1 dropped connection, 0 x 5xx)")
+@pytest.mark.xfail(run=False, reason="not yet run on this branch (2026-12-01): the one whole-file run was stopped before it, for "
+                   "time; passed on the branch that built it (18/19 requests 200, 1 dropped connection, 0 x 5xx)")
 def test_serve_two_replicas_on_two_nodes_one_node_killed_under_load(cluster, tmp_path, data_dir, embedded_model):
     import urllib.error
     import urllib.request

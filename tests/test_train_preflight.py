@@ -167,3 +167,21 @@ def test_cli_prints_one_line_without_traceback(tmp_path, data_dir, embedded_mode
                         f"tracking.run_dir={tmp_path / 'runs'}"], capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "error: train.per_device_batch_size=8 x train.num_workers=1 = 8 examples per step" in " ".join(r.stderr.split())
+
+
+def test_a_worker_group_that_never_starts_ends_in_one_sentence():
+    """Ray Train's controller gives up after train.worker_start_retries (not Ray's endless default):
+    its startup-timeout error, as fit() raises it, becomes one sentence with the resume command."""
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    from newsray.errors import NewsrayError
+    from newsray.train.driver import _start_timeout_error, build_trainer
+
+    cfg = load_config(None, ["train.num_workers=2", "train.run_name=node-gone", "train.worker_start_retries=3"])
+    assert build_trainer(cfg, {}).run_config.failure_config.controller_failure_limit == 3
+    err = _start_timeout_error(ControllerError(WorkerGroupStartupTimeoutError(num_workers=2)), cfg, "s3://b/node-gone/checkpoint_000002")
+    assert isinstance(err, NewsrayError)
+    assert "could not start 2 worker(s)" in str(err) and "in 4 tries" in str(err)
+    assert "s3://b/node-gone/checkpoint_000002" in str(err) and "train.resume=true train.run_name=node-gone" in str(err)
+    assert _start_timeout_error(RuntimeError("a bug"), cfg, None) is None

@@ -4,7 +4,7 @@ Each actor loads base + adapter once (newsray.generation) in eval.dtype and queu
 engine, which decodes eval.batch_size of them at a time and refills a finished row's slot at the
 next step (continuous batching); rows come back in any order and are put back in test-set order
 by their position. Ray Data retries the
-batch of an actor that dies (bounded by eval.max_actor_restarts). The files of docs/EVALUATION.md
+batch of an actor that dies on its restarted actor (restarts bounded by eval.max_actor_restarts). The files of docs/EVALUATION.md
 are written atomically into the output directory, then one MLflow run records them.
 """
 
@@ -131,7 +131,12 @@ def generation_dataset(cfg: Config, model_ref: str, spec: ModelSpec, items: list
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_call)))
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for max_restarts / max_task_retries (its actor pool reads
-        # them from **ray_remote_args, which warns that it is deprecated): bounded, not infinite.
+        # them from **ray_remote_args, which warns that it is deprecated). Restarts are bounded; an
+        # actor task is retried until it succeeds or its actor is dead for good (max_task_retries=-1):
+        # a node that dies leaves its actor "temporarily unavailable" (ActorUnavailableError) for
+        # seconds before Ray declares it dead and restarts it, and a bounded count of task retries
+        # is used up in that window (measured: the job failed). Ray keeps one result per task: no
+        # row is lost or duplicated (checked below).
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
         out = ds.map_batches(
             GeneratorActor,
@@ -141,7 +146,7 @@ def generation_dataset(cfg: Config, model_ref: str, spec: ModelSpec, items: list
             num_gpus=e.gpus_per_actor or None,
             batch_size=per_call,
             max_restarts=e.max_actor_restarts,
-            max_task_retries=e.max_actor_restarts,
+            max_task_retries=-1 if e.max_actor_restarts else 0,
         )
     return out
 

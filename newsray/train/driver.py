@@ -125,6 +125,26 @@ def _user_error(exc: BaseException) -> NewsrayError | None:
     return None
 
 
+def _start_timeout_error(exc: BaseException, cfg: Config, latest: str | None) -> NewsrayError | None:
+    """Ray Train gave up starting the worker group (train.worker_start_retries spent): one sentence."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, WorkerGroupStartupTimeoutError):
+            return NewsrayError(
+                f"Ray Train could not start {cfg.train.num_workers} worker(s) of {cfg.train.cpus_per_worker:g} CPU in "
+                f"{cfg.train.worker_start_retries + 1} tries (a node died and no node took its place?); the latest checkpoint is "
+                f"{latest or 'none'}: add or restart a node, then run again with train.resume=true train.run_name={cfg.train.run_name}.")
+        todo += [getattr(e, "controller_failure", None), getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
 def _log_adapter(adapter_dir: Path) -> None:
     """The adapter directory (without optimizer state) as MLflow artifacts under adapter/."""
     import mlflow
@@ -196,7 +216,10 @@ def build_trainer(cfg: Config, loop_config: dict[str, Any], callbacks: list[Any]
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(name=cfg.train.run_name, storage_path=cfg.train.storage_path, callbacks=callbacks or None,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)))
+                             # controller_failure_limit: Ray's default (-1) retries a worker group that
+                             # cannot be placed forever (measured: a run hung after a node died)
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures,
+                                                          controller_failure_limit=cfg.train.worker_start_retries)))
 
 
 def train(cfg: Config) -> TrainResult:
@@ -231,7 +254,7 @@ def train(cfg: Config) -> TrainResult:
         except Exception as exc:
             latest = _latest_checkpoint(run_path)
             mlflow.set_tag("newsray.latest_checkpoint", latest or "none")
-            user = _user_error(exc)
+            user = _user_error(exc) or _start_timeout_error(exc, cfg, latest)
             if user is not None:
                 raise user from None
             raise

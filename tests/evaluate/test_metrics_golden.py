@@ -226,8 +226,11 @@ def test_stats_edge_cases() -> None:
     x, y = [0.1, 0.5, 0.9, 0.3], [0.2, 0.4, 1.0, 0.6]
     ci = bootstrap_ci(x, y, seed=7, n_resamples=500)
     assert ci == bootstrap_ci(x, y, seed=7, n_resamples=500) and ci["lower"] <= ci["upper"]
-    with pytest.raises(ValueError):
-        compare_metric([1.0], [2.0], "m")
+    one = compare_metric([1.0], [2.0], "m")  # n = 1: the means, and every test "not computable (n < 2)"
+    assert one["not_computable"] == "not computable (n < 2)" and one["paired_ttest"] is None and one["statistical_power"] is None
+    assert (one["model1_mean"], one["model2_mean"], one["mean_difference"]) == (1.0, 2.0, 1.0)
+    with pytest.raises(ValueError, match="paired samples differ"):
+        compare_metric([1.0, 2.0], [2.0], "m")
 
 
 # ---------------------------------------------------------------- file errors

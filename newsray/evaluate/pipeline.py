@@ -265,7 +265,7 @@ def evaluate(cfg: Config, model_ref: str = "baseline", out_dir: Path | None = No
     out = Path(out_dir).resolve() if out_dir else default_out_dir(cfg, model_ref)
     out.mkdir(parents=True, exist_ok=True)
     raw = [{"id": i, "item_id": ex.id, "prompt": row["prompt"], "output": row["output"], "n_new_tokens": int(row["n_new_tokens"]),
-            "finish_reason": row["finish_reason"], "latency_s": float(row["latency_s"]), "actor_pid": int(row["actor_pid"])}
+            "finish_reason": row["finish_reason"], "error": row.get("error"), "latency_s": float(row["latency_s"]), "actor_pid": int(row["actor_pid"])}
            for i, (ex, row) in enumerate(zip(examples, rows))]
     _atomic_write(out / "raw_outputs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in raw))
     _dump(out / "predictions.json", preds)

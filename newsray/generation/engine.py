@@ -3,8 +3,8 @@
 A fixed number of slots decode together. Every step (1) admits waiting requests into free slots
 and prefills them (right-padded, one forward), then (2) decodes one token for every active slot.
 A row that finishes (end-of-turn/EOS, its first JSON object closed, its budget, or its grammar
-failing: reason "error", the tokens so far kept) frees its slot, which the next waiting request takes at the next step: the batch stays
-full while work is queued, as in vLLM. Each layer's keys and values live in one preallocated
+failing: reason "error", the tokens so far kept) frees its slot, which the next waiting request
+takes at the next step: the batch stays full while work is queued, as in vLLM. Each layer's keys and values live in one preallocated
 tensor per layer, [slots, kv_heads, length, head_dim], written in place (`SlotCache`); a decode
 step attends over a view of the first `hi` slots up to the longest active row, so nothing is
 concatenated or copied per step. When the queue is empty and rows leave, the remaining rows are

@@ -97,12 +97,12 @@ def done_ids(out: str) -> set[str]:
             text = f.read().decode("utf-8")
         lines, ids = text.splitlines(keepends=True), set()
         good = []
-        for line in lines:
+        for i, line in enumerate(lines):
             try:
                 ids.add(str(json.loads(line)["id"]))
                 good.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
-                if line is not lines[-1]:
+                if i != len(lines) - 1:
                     raise DataError(f"--out {out}: a line other than the last is not a newsray analyze record; "
                                     "choose another --out.") from None
         if len(good) != len(lines) or (good and not good[-1].endswith("\n")):  # the crash's half line: rewrite without it
@@ -113,7 +113,7 @@ def done_ids(out: str) -> set[str]:
         raise DataError(f"--out {out}: exists and is not a directory of Parquet parts; choose another --out.")
     ids = set()
     for part in fs.get_file_info(pafs.FileSelector(path)):
-        if part.path.endswith(".parquet"):
+        if part.path.endswith(".parquet") and not part.base_name.startswith("."):  # .tmp-*: a part a crash cut off
             ids |= {str(i) for i in pq.read_table(part.path, columns=["id"], filesystem=fs).column("id").to_pylist()}
     return ids
 
@@ -157,8 +157,10 @@ class _Writer:
 
         schema = pa.schema([(k, pa.int64() if k == "n_new_tokens" else pa.bool_() if k == "valid" else pa.string()) for k in COLUMNS])
         flat = [{k: json.dumps(r[k]) if k == "answer" and r.get(k) is not None else r.get(k) for k in COLUMNS} for r in rows]
-        name = f"{self.path}/part-{time.time_ns():020d}-{os.getpid()}.parquet"
-        pq.write_table(pa.Table.from_pylist(flat, schema=schema), name, filesystem=self.fs)
+        name = f"part-{time.time_ns():020d}-{os.getpid()}.parquet"
+        tmp = f"{self.path}/.tmp-{name}"
+        pq.write_table(pa.Table.from_pylist(flat, schema=schema), tmp, filesystem=self.fs)
+        self.fs.move(tmp, f"{self.path}/{name}")  # a part is there whole or not at all
 
 
 def _answer(task: str, parsed: dict[str, Any]) -> tuple[Any, bool]:

@@ -191,19 +191,20 @@ def analyze(cfg: Config, input_uri: str, model_ref: str, out: str, progress: boo
     fmt = Formatter.for_tokenizer(load_tokenizer_for(spec), spec.model.max_seq_length)
     writer = _Writer(out)
     stamp = {"model": model_ref, "model_ref": pinned, "model_version": version}
+    def no_answer(r: dict[str, Any], error: str) -> dict[str, Any]:  # a row not generated, written with why
+        return {"id": r["id"], **stamp, "answer": None, "valid": False, "output": None, "finish_reason": None, "n_new_tokens": 0, "error": error}
+
     failed, items = [], []
     for r in todo:
         missing = [f for f in task.input_fields if not isinstance(r.get(f), str)]
         if missing:
-            failed.append({"id": r["id"], **stamp, "answer": None, "valid": False, "output": None, "finish_reason": None, "n_new_tokens": 0,
-                           "error": f"missing or non-text field(s) {', '.join(missing)} (the {task.name} task reads {', '.join(task.input_fields)})"})
+            failed.append(no_answer(r, f"missing or non-text field(s) {', '.join(missing)} (the {task.name} task reads {', '.join(task.input_fields)})"))
             continue
         messages = [{"role": "user", "content": task.make_user_prompt(**{f: r[f] for f in task.input_fields})}]
         n = len(fmt.prompt_ids(messages))
         if n + cfg.eval.max_new_tokens > fmt.max_seq_length:
-            failed.append({"id": r["id"], **stamp, "answer": None, "valid": False, "output": None, "finish_reason": None, "n_new_tokens": 0,
-                           "error": f"the prompt has {n} tokens; with eval.max_new_tokens={cfg.eval.max_new_tokens} it exceeds the "
-                                    f"model's {fmt.max_seq_length}-token window (model.max_seq_length)"})
+            failed.append(no_answer(r, f"the prompt has {n} tokens; with eval.max_new_tokens={cfg.eval.max_new_tokens} it exceeds the "
+                                       f"model's {fmt.max_seq_length}-token window (model.max_seq_length)"))
             continue
         items.append({"row": len(items), "id": r["id"], "messages": json.dumps(messages)})
     writer.write(failed)

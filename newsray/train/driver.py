@@ -110,25 +110,8 @@ def check_resources(cfg: Config, in_process: bool) -> None:
             print(f"newsray: warning: {msg} (waiting for the autoscaler, if any)", file=sys.stderr)
 
 
-def _user_error(exc: BaseException) -> NewsrayError | None:
-    """A NewsrayError raised inside a worker, dug out of Ray's wrappers."""
-    seen: set[int] = set()
-    todo: list[Any] = [exc, *getattr(exc, "worker_failures", {}).values()]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, NewsrayError):
-            return e
-        todo += [getattr(e, "cause", None), e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values()]
-    return None
-
-
-def _start_timeout_error(exc: BaseException, cfg: Config, latest: str | None) -> NewsrayError | None:
-    """Ray Train gave up starting the worker group (train.worker_start_retries spent): one sentence."""
-    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
-
+def _cause(exc: BaseException, cls: type | tuple[type, ...]) -> BaseException | None:
+    """The first exception of type `cls` in `exc` or anything Ray wrapped in it (causes, worker and controller failures)."""
     seen: set[int] = set()
     todo: list[Any] = [exc]
     while todo:
@@ -136,13 +119,28 @@ def _start_timeout_error(exc: BaseException, cfg: Config, latest: str | None) ->
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, WorkerGroupStartupTimeoutError):
-            return NewsrayError(
-                f"Ray Train could not start {cfg.train.num_workers} worker(s) of {cfg.train.cpus_per_worker:g} CPU in "
-                f"{cfg.train.worker_start_retries + 1} tries (a node died and no node took its place?); the latest checkpoint is "
-                f"{latest or 'none'}: add or restart a node, then run again with train.resume=true train.run_name={cfg.train.run_name}.")
-        todo += [getattr(e, "controller_failure", None), getattr(e, "cause", None), e.__cause__, e.__context__]
+        if isinstance(e, cls):
+            return e
+        todo += [getattr(e, "controller_failure", None), getattr(e, "cause", None), e.__cause__, e.__context__,
+                 *getattr(e, "worker_failures", {}).values()]
     return None
+
+
+def _user_error(exc: BaseException) -> NewsrayError | None:
+    """A NewsrayError raised inside a worker, dug out of Ray's wrappers."""
+    return _cause(exc, NewsrayError)  # type: ignore[return-value]
+
+
+def _start_timeout_error(exc: BaseException, cfg: Config, latest: str | None) -> NewsrayError | None:
+    """Ray Train gave up starting the worker group (train.worker_start_retries spent): one sentence."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    if _cause(exc, WorkerGroupStartupTimeoutError) is None:
+        return None
+    return NewsrayError(
+        f"Ray Train could not start {cfg.train.num_workers} worker(s) of {cfg.train.cpus_per_worker:g} CPU in "
+        f"{cfg.train.worker_start_retries + 1} tries (a node died and no node took its place?); the latest checkpoint is "
+        f"{latest or 'none'}: add or restart a node, then run again with train.resume=true train.run_name={cfg.train.run_name}.")
 
 
 def _log_adapter(adapter_dir: Path) -> None:

@@ -124,7 +124,13 @@ start_mlflow() {
 
 start_s3() {
   if ! running s3; then
-    launch s3 moto_server -H 127.0.0.1 -p "$S3_PORT"
+    # the project's moto (constraints/cpu.txt): an older one found further down PATH (5.2.1 was)
+    # fails every multipart upload from pyarrow 25, Ray Train's storage marker included
+    if [[ ! -x "$VENV_BIN/moto_server" ]]; then
+      echo "error: $VENV_BIN/moto_server is missing: install the dev extras (make setup, or pip install -c constraints/cpu.txt 'moto[server]')." >&2
+      exit 1
+    fi
+    launch s3 "$VENV_BIN/moto_server" -H 127.0.0.1 -p "$S3_PORT"
     wait_http s3 "http://127.0.0.1:$S3_PORT/" 200
   fi
   # the bucket (idempotent: moto keeps it in memory, a restarted server has none)
@@ -132,7 +138,10 @@ start_s3() {
 import pyarrow.fs as fs
 s3 = fs.S3FileSystem(endpoint_override='127.0.0.1:$S3_PORT', scheme='http', allow_bucket_creation=True)
 if s3.get_file_info('$S3_BUCKET').type == fs.FileType.NotFound:
-    s3.create_dir('$S3_BUCKET')"
+    s3.create_dir('$S3_BUCKET')
+with s3.open_output_stream('$S3_BUCKET/.newsray-probe') as f:  # a multipart upload, as Ray Train's writes are
+    f.write(b'ok')
+s3.delete_file('$S3_BUCKET/.newsray-probe')"
   echo "S3 server up (pid $(cat "$(pidfile s3)")): http://127.0.0.1:$S3_PORT, bucket s3://$S3_BUCKET (in memory: gone when it stops)"
 }
 

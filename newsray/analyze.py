@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from newsray.config import Config
+from newsray.console import progress
 from newsray.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def _answer(task: str, parsed: dict[str, Any]) -> tuple[Any, bool]:
     return parsed.get("predicted"), parsed.get("predicted") is not None
 
 
-def analyze(cfg: Config, input_uri: str, model_ref: str, out: str, progress: bool = True) -> AnalyzeResult:
+def analyze(cfg: Config, input_uri: str, model_ref: str, out: str) -> AnalyzeResult:
     """Analyse every item of INPUT not yet in OUT with `model_ref`; see the module docstring."""
     from newsray.evaluate.pipeline import generation_dataset
     from newsray.formatting import Formatter
@@ -212,8 +213,7 @@ def analyze(cfg: Config, input_uri: str, model_ref: str, out: str, progress: boo
     if items:
         init_ray(cfg, stage="evaluate")
         ids = [it["id"] for it in items]
-        bar = _progress(progress, len(items))
-        try:
+        with progress("analyze", len(items), "rows") as advance:
             for batch in generation_dataset(cfg, pinned, spec, [{k: it[k] for k in ("row", "messages")} for it in items]).iter_batches(
                     batch_format="pandas", batch_size=None):
                 out_rows = []
@@ -227,36 +227,6 @@ def analyze(cfg: Config, input_uri: str, model_ref: str, out: str, progress: boo
                 writer.write(out_rows)
                 written += len(out_rows)
                 failed += [r for r in out_rows if r["error"]]
-                bar(len(out_rows))
-        finally:
-            bar(None)
+                advance(len(out_rows))
     return AnalyzeResult(out, pinned, len(rows), len(skip & {r["id"] for r in rows}), written, len(failed),
                          time.perf_counter() - started)
-
-
-def _progress(enabled: bool, total: int) -> Any:
-    """advance(n) / advance(None) = close: a rich bar with rows/s and ETA on a terminal, nothing otherwise."""
-    if not enabled:
-        return lambda n: None
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    p = Progress(TextColumn("analyze"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
-    p.start()
-    task = p.add_task("rows", total=total, rate="")
-    t0, done = time.perf_counter(), 0
-
-    def advance(n: int | None) -> None:
-        nonlocal done
-        if n is None:
-            p.stop()
-            return
-        done += n
-        p.update(task, advance=n, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.2f} rows/s")
-
-    return advance

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from newsray.console import err, out
 from newsray.errors import NewsrayError
 
 app = typer.Typer(help="newsray: LoRA fine-tuning, search, evaluation and serving on Ray, for news analysis.",
@@ -23,17 +23,30 @@ app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 app.add_typer(config_app, name="config")
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+_state = {"verbose": False}
+
+
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's, MLflow's and the libraries' log records on the "
+                                          "console instead of writing them to <tracking.run_dir>/logs/<command>-<time>.log.")) -> None:
+    _state["verbose"] = verbose
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="A recipe from configs/ (default: built-in defaults = news + embedded SmolLM2 on CPU).")
 OverridesArg = typer.Argument(None, help="section.key=value overrides, e.g. train.learning_rate=1e-4.")
 
 
-def _load(config: Optional[Path], overrides: Optional[list[str]]):
+def _load(config: Optional[Path], overrides: Optional[list[str]], command: str | None = None):
+    """The resolved config; for a stage command (`command`) the console then goes quiet (newsray.console)."""
     from newsray.config import load_config
 
-    return load_config(config, overrides or [])
+    cfg = load_config(config, overrides or [])
+    if command and not _state["verbose"]:
+        from newsray.console import capture_logs, log_path
+
+        if log_path() is None:
+            path = capture_logs(cfg.tracking.run_dir, command)
+            out.print(f"[dim]logs: {escape(str(path))} (--verbose shows them here)[/dim]", highlight=False)
+    return cfg
 
 
 @config_app.command("show")
@@ -139,7 +152,7 @@ def train_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]]
     """Fine-tune a LoRA adapter with Ray Train (docs/TRAINING.md); prints the adapter dir, URI and MLflow run."""
     from newsray.train import train
 
-    result = train(_load(config, overrides))
+    result = train(_load(config, overrides, "train"))
     out.print(f"adapter dir: {result.adapter_dir}\nadapter uri: {result.adapter_uri}\nmlflow run: {result.mlflow_run_id}\n"
               f"ray run: {result.run_name}", markup=False, highlight=False)
 
@@ -153,7 +166,7 @@ def compare_cmd(sources: list[str] = typer.Argument(..., help="Two or more MLflo
     """Compare evaluations: metric table, paired tests, plots and a Markdown report, logged to MLflow (docs/REPORTS.md)."""
     from newsray.evaluate.report import compare
 
-    result = compare(_load(config, overrides), list(sources), list(name) if name else None, out_dir, references)
+    result = compare(_load(config, overrides, "compare"), list(sources), list(name) if name else None, out_dir, references)
     out.print(f"[green]compared[/green] {escape(', '.join(result.names))} ({result.task}): {escape(str(result.report))}", highlight=False)
     out.print(f"plots: {len(result.plots)} in {escape(str(result.report.parent / 'plots'))}; MLflow run: {result.mlflow_run_id}", highlight=False)
 
@@ -182,7 +195,7 @@ def evaluate_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[st
     """Generate, parse and score the task's test set on Ray Data; write the files and one MLflow run (docs/EVALUATION.md)."""
     from newsray.evaluate.pipeline import evaluate
 
-    res = evaluate(_load(config, overrides), model, out_dir)
+    res = evaluate(_load(config, overrides, "evaluate"), model, out_dir)
     main_keys = ("json_validation_rate", "field_f1_overall", "field_f1_key_insights", "field_f1_company_names", "jaccard_overall",
                  "exact_match_rate", "relevance_mae", "rouge1", "rougeL", "accuracy", "macro_f1", "unmatched", "n", "examples_per_s")
     table = Table("metric", "value", title=f"evaluate {model}")
@@ -203,7 +216,7 @@ def analyze_cmd(input_uri: str = typer.Argument(..., metavar="INPUT", help="JSON
     """Run a model over new items on Ray Data (the evaluation's generation path); restartable (docs/ANALYZE.md)."""
     from newsray.analyze import analyze
 
-    res = analyze(_load(config, overrides), input_uri, model, out_path, progress=out.is_terminal)
+    res = analyze(_load(config, overrides, "analyze"), input_uri, model, out_path)
     out.print(f"analyzed {res.rows_written} item(s) with {escape(res.model_ref)} in {res.wall_s:.0f} s "
               f"({res.rows_skipped} already in the output, {res.rows_failed} with an error): {escape(res.out)}", highlight=False)
 
@@ -215,7 +228,7 @@ def serve_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]]
     """Serve the model over HTTP with Ray Serve until Ctrl-C (docs/SERVING.md)."""
     from newsray.serving import run
 
-    cfg = _load(config, overrides)
+    cfg = _load(config, overrides, "serve")
     url = run(cfg, model, blocking=not detach, on_ready=lambda u: out.print(f"serving {model} at {u} (Ctrl-C to stop)", markup=False, highlight=False), detach=detach)
     out.print(f"{'deployed' if detach else 'stopped'}: {url}", markup=False, highlight=False)
 
@@ -226,7 +239,7 @@ def tune_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] 
     """Search learning rate, LoRA rank and batch size with Ray Tune over Ray Train; register the best adapter (docs/TUNING.md)."""
     from newsray.tune import tune
 
-    r = tune(_load(config, overrides), resume=resume)
+    r = tune(_load(config, overrides, "tune"), resume=resume)
     out.print(f"best trial: {r.best_trial_id} {json.dumps(r.best_params)}\n{r.objective}: {r.best_value:.4f}\nadapter uri: {r.adapter_uri}\n"
               f"mlflow run: {r.mlflow_run_id}\nsearch: {r.name} ({r.experiment_path})\ntable: {r.table_path}", markup=False, highlight=False)
     if r.registration:
@@ -245,7 +258,7 @@ def export_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]
     """Export a model for use outside newsray: merged HF weights, GGUF, or an Ollama Modelfile (docs/EXPORT.md)."""
     from newsray.export import export
 
-    r = export(_load(config, overrides), model, fmt, out_dir, quant=quant, dtype=dtype, log=log,
+    r = export(_load(config, overrides, "export"), model, fmt, out_dir, quant=quant, dtype=dtype, log=log,
                progress=lambda m: err.print(m, markup=False, highlight=False))
     out.print(f"[green]exported[/green] {escape(r.model_ref)} (base {escape(r.base_model)}) as {r.format}: {escape(str(r.out_dir))}", highlight=False)
     for f in r.files:
@@ -259,18 +272,23 @@ def pipeline_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[st
     """The end-to-end job: tune -> train -> evaluate baseline and tuned -> compare -> register -> serve one request (docs/PIPELINE.md)."""
     from newsray.pipeline import pipeline
 
-    r = pipeline(_load(config, overrides))
+    cfg = _load(config, overrides, "pipeline")
+    r = pipeline(cfg)
     table = Table("what", "where", title=f"newsray pipeline: done in {r.wall_s / 60:.1f} min")
     rows = [("MLflow", f"{r.tracking_uri} (experiment {r.experiment}, pipeline run {r.mlflow_run_id})"), ("search run", r.tune_run_id),
             ("best values", json.dumps(r.best_params)), ("final training run", f"{r.train_run_id} ({r.adapter_uri})"),
             (f"final {r.objective} (val)", f"{r.objective_value:.4f}"), ("evaluation runs", f"baseline {r.baseline_run_id}, tuned {r.tuned_run_id}"),
             *[(f"test: {m}", "  ".join(f"{k}={v:.3f}" for k, v in vals.items())) for m, vals in r.headline.items()],
             ("report", str(r.report)), ("registered", r.registered), ("champion", f"{r.champion} ({'moved' if r.champion_moved else 'unchanged'}: {r.champion_reason})"),
-            ("endpoint", f"{r.endpoint} ({'still serving' if r.endpoint and _load(config, overrides).pipeline.keep_serving else 'stopped'})" if r.endpoint else "not started (pipeline.serve=false)"),
-            ("answer", json.dumps(r.answer)[:300] if r.answer else "")]
+            ("endpoint", f"{r.endpoint} ({'still serving' if r.endpoint and cfg.pipeline.keep_serving else 'stopped'})" if r.endpoint else "not started (pipeline.serve=false)")]
     for what, where in rows:
         table.add_row(what, escape(where))
     out.print(table)
+    if r.answer:
+        from newsray.pipeline import answer_caption
+
+        out.print(f"[bold]the served answer[/bold] ({escape(answer_caption(cfg, r))}):", highlight=False)
+        out.print_json(json.dumps(r.answer, default=str))
 
 
 @app.command("tinker-server")
@@ -295,15 +313,33 @@ def tinker_server_cmd(port: int = typer.Option(..., "--port", help="TCP port (0 
 
 
 def main() -> None:
-    """Console entry point: user errors become one red line and exit code 2, without a traceback."""
+    """Console entry point: user errors become one red line and exit code 2, without a traceback.
+
+    While the logs are captured, any other exception is one line too, naming the log file that holds
+    its traceback (exit code 1); with --verbose it propagates as before.
+    """
+    from newsray.console import log_path, release_logs
+
     try:
         app()
     except NewsrayError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]")
+        err.print("[red]interrupted[/red]" + (f" (logs: {escape(str(log_path()))})" if log_path() else ""))
         sys.exit(130)
+    except Exception as e:
+        if log_path() is None:
+            raise
+        import traceback
+
+        traceback.print_exc()  # into the log file
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        err.print(f"[red]error:[/red] {type(e).__name__}: {escape(first)} (the traceback and the logs are in {escape(str(log_path()))})",
+                  highlight=False)
+        sys.exit(1)
+    finally:
+        release_logs()
 
 
 if __name__ == "__main__":

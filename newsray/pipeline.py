@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from newsray.config import Config
+from newsray.console import status
 from newsray.errors import ModelError
 
 STAGES = ("tune", "train", "objective", "evaluate baseline", "evaluate tuned", "compare", "register", "serve")
@@ -119,13 +120,24 @@ def ask(cfg: Config, url: str, timeout_s: float = 600) -> dict[str, Any]:
         raise ModelError(f"{url}{path} answered something that is not JSON ({str(e)[:100]}).") from None
 
 
+def answer_caption(cfg: Config, r: PipelineResult) -> str:
+    """What the closing answer shows: on the reduced demo budget, a model trained a few steps, said plainly."""
+    steps = cfg.pipeline.train_max_steps
+    what = f"{r.registered}, trained {steps} steps on the pipeline's demo budget" if steps else f"{r.registered}, trained on the config's full budget"
+    repeats = [k for k, v in (r.answer or {}).items() if isinstance(v, list) and len(v) != len({json.dumps(x, sort_keys=True) for x in v})]
+    if repeats and steps:
+        what += (f"; its {', '.join(repeats)} repeat items: {steps} steps teach the answer's format, not yet its content. The full "
+                 f"recipe (pipeline.train_max_steps=null: train.epochs over the whole training split) is what docs/RESULTS.md measures")
+    return what
+
+
 @contextmanager
 def _stage(console: Any, times: dict[str, float], name: str, detail: str) -> Iterator[None]:
     """One stage: a header line, a spinner while it runs, its wall time at the end."""
     i = STAGES.index(name) + 1
     console.rule(f"[bold]{i}/{len(STAGES)} {name}[/bold] - {detail}")
     t0 = time.perf_counter()
-    with console.status(f"[{i}/{len(STAGES)}] {name} ..."):
+    with status(f"[{i}/{len(STAGES)}] {name} ..."):
         yield
     times[name] = time.perf_counter() - t0
     console.print(f"[green]done[/green] {name} in {times[name]:.0f} s")
@@ -134,9 +146,9 @@ def _stage(console: Any, times: dict[str, float], name: str, detail: str) -> Ite
 def pipeline(cfg: Config) -> PipelineResult:
     """Run the whole flow on the config's budget; print progress per stage; return where everything is."""
     import mlflow
-    from rich.console import Console
 
     from newsray import tracking
+    from newsray.console import out as console
     from newsray.evaluate.pipeline import evaluate
     from newsray.evaluate.report import compare
     from newsray.registry import CHAMPION, objective_basis, register
@@ -145,7 +157,7 @@ def pipeline(cfg: Config) -> PipelineResult:
     from newsray.train import train
     from newsray.tune import prepare, tune
 
-    console, times, started = Console(soft_wrap=True), {}, time.perf_counter()
+    times, started = {}, time.perf_counter()
     if not console.is_terminal:
         console.width = max(console.width, 150)  # logs and CI: whole stage lines
     tcfg, ecfg = stage_configs(cfg)

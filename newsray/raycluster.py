@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from newsray.config import Config
+from newsray.console import warn
 
 # Passed to every Ray worker so they behave like the driver (threads, telemetry, offline hub).
 # The AWS_* ones reach object storage (train.storage_path=s3://...; AWS_ENDPOINT_URL for an
@@ -217,8 +218,7 @@ def preflight_placement(cfg: Config, stage: str) -> None:
     hold at once (Train workers, actors and replicas all start together, or wait forever). With
     $NEWSRAY_AUTOSCALING=1 (a cluster that adds nodes on demand) placement problems only warn.
     """
-    import sys
-
+    
     from newsray.errors import ConfigError
 
     nodes = alive_nodes()
@@ -240,6 +240,6 @@ def preflight_placement(cfg: Config, stage: str) -> None:
             msg = f"{what}: the Ray cluster can place only {n} of the {len(bundles)} at once (nodes: {shape}); lower the count or the per-unit resources, or add nodes."
         if msg:
             if os.environ.get(AUTOSCALING_ENV) == "1":
-                print(f"newsray: warning: {msg} (waiting for the autoscaler: ${AUTOSCALING_ENV}=1)", file=sys.stderr)
+                warn(f"{msg} (waiting for the autoscaler: ${AUTOSCALING_ENV}=1)")
             else:
                 raise ConfigError(msg)

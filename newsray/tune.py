@@ -18,13 +18,13 @@ import json
 import math
 import os
 import secrets
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from newsray.config import Config
+from newsray.console import progress, progress_enabled, warn
 from newsray.errors import ConfigError, NewsrayError
 from newsray.registry import Registration, objective_basis, register
 from newsray.search import (
@@ -137,7 +137,7 @@ def find_search(cfg: Config) -> Path:
         try:
             state = _read_state(p.parent)
         except ConfigError as e:  # one unreadable search does not hide the others
-            print(f"newsray: warning: skipped: {e}", file=sys.stderr)
+            warn(f"skipped: {e}")
             continue
         if state.get("status") != "finished" and state.get("task") == cfg.data.task:
             found.append(p.parent)
@@ -217,6 +217,7 @@ def _search(base: Config, data: Any, spec: dict[str, Any], path: Path, out_dir: 
     # between report loss alone. ASHA and the searchers skip results without their metric; Tune's
     # strict check would reject them.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    feed = contextlib.nullcontext([]) if resume else TrialProgress(expected_trials(base))  # Tuner.restore takes no callbacks
     if resume:
         if not rt.Tuner.can_restore(str(path)):
             raise ConfigError(f"search {name}: {path} holds no Tune state to restore (it stopped before the first save); start a new search.")
@@ -226,8 +227,9 @@ def _search(base: Config, data: Any, spec: dict[str, Any], path: Path, out_dir: 
         tuner = rt.Tuner(trainable, param_space=param_space(base), tune_config=rt.TuneConfig(
             search_alg=searcher(base, objective, mode), scheduler=scheduler(base), max_concurrent_trials=t.max_concurrent_trials,
             num_samples=1 if t.search_alg == "grid" else t.num_samples, trial_dirname_creator=trial_dirname),
-            run_config=rt.RunConfig(name=name, storage_path=str(path.parent), failure_config=rt.FailureConfig(max_failures=0)))
-    with reaping_orphaned_placement_groups():
+            run_config=rt.RunConfig(name=name, storage_path=str(path.parent), failure_config=rt.FailureConfig(max_failures=0),
+                                    callbacks=feed.callbacks))
+    with reaping_orphaned_placement_groups(), feed:
         tuner.fit()
     rows = trial_rows(path, base, objective, run_id)
     _reconcile(base.tracking.uri or "", rows)
@@ -327,6 +329,44 @@ def write_table(rows: list[dict[str, Any]], out_dir: Path, objective: str) -> Pa
     md += ["| " + " | ".join(_fmt(r.get(c)).replace("|", "/") for c in cols) + " |" for r in rows]
     (out_dir / "trials.md").write_text("\n".join(md) + "\n")
     return out_dir / "trials.md"
+
+
+class TrialProgress:
+    """On a terminal, a bar of the search's finished trials (a Tune callback in this driver feeds it), noting the latest step."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.callbacks, self._bar = total, [], None
+        if progress_enabled():
+            from ray.tune import Callback
+
+            outer = self
+
+            class TrialFeed(Callback):
+                def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+                    outer._advance(0, f"trial {trial.trial_id}: step {result.get('step', result.get('training_iteration'))}")
+
+                def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                    outer._advance(1, f"trial {trial.trial_id} done")
+
+                def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                    outer._advance(1, f"trial {trial.trial_id} failed")
+
+            self.callbacks = [TrialFeed()]
+
+    def _advance(self, n: int, note: str) -> None:
+        if self._bar is not None:
+            self._bar[1](n, note=note)
+
+    def __enter__(self) -> Self:
+        if self.callbacks:
+            cm = progress("tune", self.total, "trials")
+            self._bar = (cm, cm.__enter__())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar[0].__exit__(*exc)
+            self._bar = None
 
 
 def print_table(rows: list[dict[str, Any]], title: str, objective: str) -> None:

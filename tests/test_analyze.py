@@ -53,7 +53,7 @@ def test_analyze_csv_to_jsonl_and_parquet_with_errors_as_data(tmp_path, data_dir
     with open(tmp_path / "in.csv", "a", encoding="utf-8", newline="") as f:  # a row without a description, a row too long
         csv.writer(f).writerows([["Only a title", ""], ["Long", "word " * 600]])
     cfg = load_config(None, [f"data.root={data_dir}", *ARGS, f"tracking.run_dir={tmp_path / 'runs'}"])
-    res = analyze(cfg, str(tmp_path / "in.csv"), "baseline", str(tmp_path / "out.jsonl"), progress=False)
+    res = analyze(cfg, str(tmp_path / "in.csv"), "baseline", str(tmp_path / "out.jsonl"))
     rows = _lines(tmp_path / "out.jsonl")
     assert sorted(r["id"] for r in rows) == ["0", "1", "2", "3", "4", "5"] and res.rows_written == 6 and res.rows_skipped == 0
     by_id = {r["id"]: r for r in rows}
@@ -61,10 +61,10 @@ def test_analyze_csv_to_jsonl_and_parquet_with_errors_as_data(tmp_path, data_dir
     assert by_id["4"]["answer"] in LABELS  # an empty description is still text: the title alone is classified
     assert "exceeds the model's 512-token window" in by_id["5"]["error"] and by_id["5"]["answer"] is None
     assert {r["model_ref"] for r in rows} == {"baseline"} and res.rows_failed == 1
-    again = analyze(cfg, str(tmp_path / "in.csv"), "baseline", str(tmp_path / "out.jsonl"), progress=False)
+    again = analyze(cfg, str(tmp_path / "in.csv"), "baseline", str(tmp_path / "out.jsonl"))
     assert again.rows_skipped == 6 and again.rows_written == 0 and len(_lines(tmp_path / "out.jsonl")) == 6  # nothing twice
 
-    pres = analyze(cfg, str(tmp_path / "in.csv"), "baseline", str(tmp_path / "parts"), progress=False)
+    pres = analyze(cfg, str(tmp_path / "in.csv"), "baseline", str(tmp_path / "parts"))
     table = pq.read_table(tmp_path / "parts")
     assert sorted(table.column("id").to_pylist()) == sorted(by_id) and pres.rows_written == 6
     assert {json.loads(a) for a in table.column("answer").to_pylist() if a} == {by_id[i]["answer"] for i in "01234"}

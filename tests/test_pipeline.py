@@ -20,16 +20,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_pipeline_smoke(tmp_path, data_dir, embedded_model, monkeypatch):
-    import mlflow
-    import ray
-    from typer.testing import CliRunner
+def _screen_of_a_terminal(cmd: list[str], env: dict[str, str], cwd: Path, timeout_s: float, cols: int = 160, rows: int = 50) -> tuple[int, list[str]]:
+    """Run `cmd` in a pseudo-terminal (pexpect) and return (exit status, every line the terminal showed:
+    its scrollback and final screen, as pyte's VT100 emulator renders the byte stream)."""
+    import pexpect
+    import pyte
 
-    from newsray.cli import app
+    screen = pyte.HistoryScreen(cols, rows, history=100_000)
+    stream = pyte.ByteStream(screen)
+    child = pexpect.spawn(cmd[0], cmd[1:], env=env, cwd=str(cwd), dimensions=(rows, cols), timeout=timeout_s)
+    while True:
+        try:
+            stream.feed(child.read_nonblocking(65536, timeout=timeout_s))
+        except pexpect.EOF:
+            break
+    child.close()
+    lines = ["".join(ch.data for ch in (line[x] for x in range(cols))).rstrip() for line in screen.history.top]
+    return child.exitstatus, lines + [line.rstrip() for line in screen.display]
+
+
+def test_pipeline_smoke_as_a_person_sees_it(tmp_path, data_dir, embedded_model):
+    """`newsray pipeline` in a real terminal: stage headers and bars, the result table and the answer as
+    JSON on the screen, no raw log record; Ray's, MLflow's and the libraries' output in the log file."""
+    import os
+    import re
+    import sys
+
+    import mlflow
+
     from newsray.tasks.agnews import LABELS
 
     port = free_port()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")  # not a store an earlier test left in the env
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "NO_COLOR")}
+    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}", "TERM": "xterm-256color", "COLUMNS": "160",
+            "LINES": "50", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
     args = ["data.task=agnews", f"data.root={data_dir}", "data.train_rows=[100,106]", "data.val_fraction=0.34",
             "model.max_seq_length=512", "train.warmup_steps=0", "train.precision=fp32", "train.learning_rate=1e-3",
             f"train.storage_path={tmp_path / 'ray'}", f"tracking.run_dir={tmp_path / 'runs'}", "train.cpus_per_worker=1.5",
@@ -38,14 +62,23 @@ def test_pipeline_smoke(tmp_path, data_dir, embedded_model, monkeypatch):
             "tune.cpus_per_trial=1.5", "pipeline.num_samples=1", "pipeline.max_steps_per_trial=2", "pipeline.train_max_steps=2",
             "pipeline.eval_limit=2", "eval.max_new_tokens=8", "eval.batch_size=2", "eval.bootstrap_resamples=1000",
             f"serve.port={port}", "serve.max_new_tokens=8", "serve.cpus_per_replica=1"]
-    try:
-        res = CliRunner().invoke(app, ["pipeline", *args], catch_exceptions=False)
-    finally:
-        ray.shutdown()
-    assert res.exit_code == 0, res.output[-4000:]
+    status, lines = _screen_of_a_terminal([str(Path(sys.executable).with_name("newsray")), "pipeline", *args], env, tmp_path, 1500)
+    screen = "\n".join(lines)
+    assert status == 0, screen[-4000:]
     for stage in ("1/8 tune", "2/8 train", "3/8 objective", "4/8 evaluate baseline", "5/8 evaluate tuned", "6/8 compare", "7/8 register", "8/8 serve"):
-        assert stage in res.output
-    assert "registered" in res.output and "models:/newsray-agnews/1" in res.output
+        assert stage in screen, screen[-4000:]
+    # the bars, finished: trials, training steps, generated rows
+    assert re.search(r"tune .* 1/1 trials", screen) and re.search(r"train .* 2/2 steps", screen), screen[-4000:]
+    assert len(re.findall(r"generate .* 2/2 rows", screen)) == 3, screen[-4000:]  # the objective on val, baseline and tuned on test
+    assert "newsray pipeline: done in" in screen and "models:/newsray-agnews/1" in screen
+    assert re.search(r'"label": "(' + "|".join(LABELS) + ')"', screen), screen[-2000:]  # the answer, as formatted JSON
+    # no raw log record on the screen: Ray's worker-log prefixes, logging's levels, Tune's status table, MLflow's links
+    raw = [line for line in lines if re.search(r"\((\w+) pid=\d+|\b(INFO|WARNING|DEBUG)\b|Trial status:|View run |Traceback", line)]
+    assert not raw, raw[:10]
+    (log,) = (tmp_path / "runs" / "logs").glob("pipeline-*.log")
+    assert f"logs: {log}" in screen.replace("\n", "")
+    text = log.read_text(errors="replace")
+    assert "Trial status:" in text and "pid=" in text, text[-3000:]  # what the screen no longer shows went here
 
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri, registry_uri=uri)

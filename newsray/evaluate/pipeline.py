@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import newsray
 from newsray.config import Config
+from newsray.console import progress
 from newsray.errors import DataError
 from newsray.generation import ModelSpec, load_generator, model_slug, on_device, resolve_model_ref, vllm
 from newsray.raycluster import init_ray
@@ -109,7 +110,12 @@ def _generate(cfg: Config, model_ref: str, spec: ModelSpec, examples: list[Examp
     if vllm.choose(cfg.eval.engine, cfg.eval.gpus_per_actor) == "vllm":
         return _vllm_rows(cfg, spec, items)
     items.sort(key=lambda it: len(it["messages"]))  # similar lengths batch together (less padding); "row" restores order
-    rows = sorted(generation_dataset(cfg, model_ref, spec, items).take_all(), key=lambda r: int(r["row"]))
+    rows = []
+    with progress("generate", len(items), "rows") as advance:
+        for row in generation_dataset(cfg, model_ref, spec, items).iter_rows():
+            rows.append(row)
+            advance(1)
+    rows.sort(key=lambda r: int(r["row"]))
     got = [int(r["row"]) for r in rows]
     if got != list(range(len(examples))):
         missing = sorted(set(range(len(examples))) - set(got))

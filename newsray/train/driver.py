@@ -7,17 +7,19 @@ per-step metrics into the driver's MLflow run themselves (rank 0), so a crash lo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
-import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from newsray.config import Config
+from newsray.console import progress, progress_enabled, warn
 from newsray.errors import ConfigError, NewsrayError
 from newsray.train.checkpoint import TRAINING_STATE_FILE, TrainerState
 from newsray.train.data import TrainData
@@ -107,7 +109,7 @@ def check_resources(cfg: Config, in_process: bool) -> None:
                    f"cluster has {have.get(res, 0.0):g}; lower train.num_workers or train.cpus_per_worker, or use a bigger cluster.")
             if in_process:
                 raise ConfigError(msg)
-            print(f"newsray: warning: {msg} (waiting for the autoscaler, if any)", file=sys.stderr)
+            warn(f"{msg} (waiting for the autoscaler, if any)")
 
 
 def _cause(exc: BaseException, cls: type | tuple[type, ...]) -> BaseException | None:
@@ -220,6 +222,56 @@ def build_trainer(cfg: Config, loop_config: dict[str, Any], callbacks: list[Any]
                                                           controller_failure_limit=cfg.train.worker_start_retries)))
 
 
+@contextlib.contextmanager
+def _step_progress(total: int) -> Iterator[list[Any]]:
+    """On a terminal, a bar of the run's steps: a Train callback (in Ray Train's controller) puts each
+    report's step and loss on a Ray queue that a driver thread reads; yields the callbacks for the run."""
+    if not progress_enabled():
+        yield []
+        return
+    import threading
+    from queue import Empty
+
+    from ray.train import UserCallback
+    from ray.util.queue import Queue
+
+    class StepFeed(UserCallback):
+        def __init__(self, queue: Any) -> None:
+            self.queue = queue
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            m = metrics[0] if metrics else {}
+            try:
+                self.queue.put_nowait((int(m.get("step", 0)), m.get("loss")))
+            except Exception:  # noqa: BLE001, S110 - a progress bar must never fail a training run
+                pass
+
+    queue, stop = Queue(actor_options={"num_cpus": 0}), threading.Event()
+    with progress("train", total, "steps") as advance:
+
+        def pump() -> None:
+            seen = 0
+            while not stop.is_set():
+                try:
+                    step, loss = queue.get(timeout=0.5)
+                except Empty:
+                    continue
+                except Exception:  # noqa: BLE001 - the queue actor went away with the run
+                    return
+                if step > seen:
+                    advance(step - seen, note=f"loss {loss:.3f}" if isinstance(loss, (int, float)) else "")
+                    seen = step
+
+        thread = threading.Thread(target=pump, name="newsray-train-progress", daemon=True)
+        thread.start()
+        try:
+            yield [StepFeed(queue)]
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            queue.shutdown()
+
+
 def train(cfg: Config) -> TrainResult:
     """Train a LoRA adapter with Ray Train; returns where the adapter is and its MLflow run."""
     import mlflow
@@ -245,10 +297,10 @@ def train(cfg: Config) -> TrainResult:
         mlflow.log_params({"derived.max_steps": max_steps, "derived.n_train": len(data.train), "derived.n_val": len(data.val),
                            "derived.dropped_too_long": data.dropped_train + data.dropped_val})
         loop_config = worker_config(cfg, data, mlflow={"tracking_uri": tracking.tracking_uri(cfg), "run_id": run.info.run_id})
-        trainer = build_trainer(cfg, loop_config)
         started = time.perf_counter()
         try:
-            result = trainer.fit()
+            with _step_progress(max_steps) as callbacks:
+                result = build_trainer(cfg, loop_config, callbacks).fit()
         except Exception as exc:
             latest = _latest_checkpoint(run_path)
             mlflow.set_tag("newsray.latest_checkpoint", latest or "none")

@@ -63,3 +63,20 @@ def test_an_unexpected_error_is_one_line_naming_the_log_that_holds_its_traceback
     assert r.stdout.replace("\n", "").startswith(f"logs: {log}")
     text = log.read_text()
     assert "Traceback (most recent call last)" in text and "second line" in text
+
+
+def test_the_pipeline_says_what_a_demo_answer_shows():
+    from types import SimpleNamespace
+
+    from newsray.config import load_config
+    from newsray.pipeline import answer_caption
+
+    demo = load_config(None, ["pipeline.train_max_steps=20"])
+    r = SimpleNamespace(registered="models:/newsray-news/3", answer={"summary": "s", "key_insights": ["VMware", "VMware VM", "VMware VM"]})
+    caption = answer_caption(demo, r)
+    assert caption.startswith("models:/newsray-news/3, trained 20 steps on the pipeline's demo budget; its key_insights repeat items")
+    assert "docs/RESULTS.md" in caption
+    r.answer["key_insights"] = ["VMware", "patents"]
+    assert answer_caption(demo, r) == "models:/newsray-news/3, trained 20 steps on the pipeline's demo budget"
+    full = load_config(None, ["pipeline.train_max_steps=null"])
+    assert answer_caption(full, r) == "models:/newsray-news/3, trained on the config's full budget"

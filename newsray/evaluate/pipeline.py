@@ -25,7 +25,7 @@ from typing import Any, Literal
 import newsray
 from newsray.config import Config
 from newsray.console import progress
-from newsray.errors import DataError
+from newsray.errors import ConfigError, DataError
 from newsray.generation import ModelSpec, load_generator, model_slug, on_device, resolve_model_ref, vllm
 from newsray.raycluster import init_ray
 from newsray.tasks import Example, get_task
@@ -104,24 +104,95 @@ class GeneratorActor:
         }
 
 
-def _generate(cfg: Config, model_ref: str, spec: ModelSpec, examples: list[Example]) -> list[dict[str, Any]]:
-    """Run the actor pool (or vLLM's processor, eval.engine) over the examples; rows in test-set order, each exactly once."""
+def _generate(cfg: Config, model_ref: str, spec: ModelSpec, examples: list[Example], out: Path) -> tuple[list[dict[str, Any]], int]:
+    """Run the actor pool (or vLLM's processor, eval.engine) over the examples: (rows in test-set order, each
+    exactly once; how many of them an earlier run had generated).
+
+    Every row is appended to out/generations.jsonl as it arrives; rows already there from an earlier,
+    interrupted run of the same evaluation (same --out) are reused and only the others generated.
+    """
     items = [{"row": i, "messages": json.dumps(ex.messages())} for i, ex in enumerate(examples)]
-    if vllm.choose(cfg.eval.engine, cfg.eval.gpus_per_actor) == "vllm":
-        return _vllm_rows(cfg, spec, items)
-    items.sort(key=lambda it: len(it["messages"]))  # similar lengths batch together (less padding); "row" restores order
-    rows = []
-    with progress("generate", len(items), "rows") as advance:
-        for row in generation_dataset(cfg, model_ref, spec, items).iter_rows():
+    path, key = out / GENERATIONS_FILE, _generation_key(cfg, model_ref, spec)
+    earlier = _read_generations(path, key)
+    rows, pending = [], []
+    for it in items:
+        same = earlier.get(it["messages"])
+        if same:
+            rows.append(same.pop() | {"row": it["row"]})
+        else:
+            pending.append(it)
+    if rows:
+        log.warning("%d of %d rows already generated in %s (an interrupted run): generating the other %d", len(rows), len(items), path,
+                    len(pending))
+    messages = {it["row"]: it["messages"] for it in items}
+    with open(path, "a", encoding="utf-8") as f, progress("generate", len(items), "rows") as advance:
+        advance(len(rows))
+
+        def keep(row: dict[str, Any]) -> None:
+            row = {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}  # numpy scalars from Ray Data
+            f.write(json.dumps({"key": key, "messages": messages[int(row["row"])]} | row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
             rows.append(row)
             advance(1)
+
+        reused = len(rows)
+        if pending and vllm.choose(cfg.eval.engine, cfg.eval.gpus_per_actor) == "vllm":
+            for row in _vllm_rows(cfg, spec, pending):
+                keep(row)
+        elif pending:
+            pending.sort(key=lambda it: len(it["messages"]))  # similar lengths batch together (less padding); "row" restores order
+            for row in generation_dataset(cfg, model_ref, spec, pending).iter_rows():
+                keep(row)
     rows.sort(key=lambda r: int(r["row"]))
     got = [int(r["row"]) for r in rows]
     if got != list(range(len(examples))):
         missing = sorted(set(range(len(examples))) - set(got))
         dup = sorted({g for g in got if got.count(g) > 1})
         raise RuntimeError(f"evaluation lost rows {missing[:10]} or duplicated rows {dup[:10]} of {len(examples)}")
-    return rows
+    return rows, reused
+
+
+GENERATIONS_FILE = "generations.jsonl"  # rows as they finish; removed once raw_outputs.jsonl holds them all
+
+
+def _generation_key(cfg: Config, model_ref: str, spec: ModelSpec) -> dict[str, Any]:
+    """What makes a generated row reusable by a re-run: the model (its reference, base and adapter weights,
+    so a moved alias or a retrained directory does not pass) and every setting that changes its text."""
+    import hashlib
+
+    e, digest = cfg.eval, None
+    if spec.adapter_dir is not None:
+        h = hashlib.sha256()
+        for f in sorted(Path(spec.adapter_dir).glob("adapter_model.*")):
+            h.update(f.read_bytes())
+        digest = h.hexdigest()[:16]
+    return {"task": cfg.data.task, "model": model_ref, "base": spec.model.name, "adapter_sha256": digest,
+            "max_new_tokens": e.max_new_tokens, "constrained": e.constrained, "dtype": e.dtype, "engine": e.engine}
+
+
+def _read_generations(path: Path, key: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The rows an earlier run of this evaluation left in `path`, by prompt (messages JSON). A last line
+    cut off mid-write is dropped (the file is truncated to the last whole line); rows of another
+    evaluation are refused with one sentence rather than mixed in or deleted."""
+    if not path.is_file():
+        return {}
+    data = path.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    if len(whole) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(whole))
+    found: dict[str, list[dict[str, Any]]] = {}
+    for n, line in enumerate(whole.decode("utf-8").splitlines(), 1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise DataError(f"{path}:{n}: not a JSON line; remove the file to generate every row again.") from None
+        if rec.get("key") != key:
+            diff = ", ".join(f"{k}={rec.get('key', {}).get(k)!r} (now {v!r})" for k, v in key.items() if rec.get("key", {}).get(k) != v)
+            raise ConfigError(f"{path} holds the generations of another evaluation ({diff}); use another --out, or remove the file.")
+        found.setdefault(rec.pop("messages"), []).append({k: v for k, v in rec.items() if k != "key"})
+    return found
 
 
 def generation_dataset(cfg: Config, model_ref: str, spec: ModelSpec, items: list[dict[str, Any]]) -> Any:
@@ -261,19 +332,21 @@ def evaluate(cfg: Config, model_ref: str = "baseline", out_dir: Path | None = No
         hint = "set data.val_fraction > 0" if split == "val" else "check data.test_file / data.test_rows"
         raise DataError(f"the {task.name} {split} split is empty; {hint}.")
     spec = resolve_model_ref(model_ref, cfg)  # ModelError before any Ray work
+    out = Path(out_dir).resolve() if out_dir else default_out_dir(cfg, model_ref)
+    _read_generations(out / GENERATIONS_FILE, _generation_key(cfg, model_ref, spec))  # another evaluation's rows: refused before Ray starts
     init_ray(cfg, stage="evaluate")
+    out.mkdir(parents=True, exist_ok=True)
     t_gen = time.perf_counter()
-    rows = _generate(cfg, model_ref, spec, examples)
+    rows, reused = _generate(cfg, model_ref, spec, examples, out)
     gen_s = time.perf_counter() - t_gen
     score = _score_news if task.name == "news" else _score_agnews
     preds, refs, per_example, aggregates = score(examples, rows)
-    aggregates = {**aggregates, "n": len(examples), "examples_per_s": len(examples) / gen_s}
-    out = Path(out_dir).resolve() if out_dir else default_out_dir(cfg, model_ref)
-    out.mkdir(parents=True, exist_ok=True)
+    aggregates = {**aggregates, "n": len(examples), "examples_per_s": (len(examples) - reused) / gen_s}  # the rows generated by this run
     raw = [{"id": i, "item_id": ex.id, "prompt": row["prompt"], "output": row["output"], "n_new_tokens": int(row["n_new_tokens"]),
             "finish_reason": row["finish_reason"], "error": row.get("error"), "latency_s": float(row["latency_s"]), "actor_pid": int(row["actor_pid"])}
            for i, (ex, row) in enumerate(zip(examples, rows))]
     _atomic_write(out / "raw_outputs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in raw))
+    (out / GENERATIONS_FILE).unlink(missing_ok=True)  # every row is in raw_outputs.jsonl now
     _dump(out / "predictions.json", preds)
     _dump(out / "references.json", refs)
     _dump(out / "per_example.json", per_example)
@@ -282,7 +355,7 @@ def evaluate(cfg: Config, model_ref: str = "baseline", out_dir: Path | None = No
 
     info = {"task": task.name, "split": split, "model_ref": model_ref, "base_model": spec.model.name, "constrained": cfg.eval.constrained,
             "max_new_tokens": cfg.eval.max_new_tokens, "n": len(examples), "wall_s": time.perf_counter() - t0,
-            "generation_s": gen_s, "batch_size": cfg.eval.batch_size, "num_actors": cfg.eval.num_actors,
+            "generation_s": gen_s, "reused_rows": reused, "batch_size": cfg.eval.batch_size, "num_actors": cfg.eval.num_actors,
             "dtype": rows[0]["dtype"], "engine": rows[0]["engine"],
             "newsray_version": newsray.__version__, "git_commit": git_commit()}
     _dump(out / "eval_info.json", info)

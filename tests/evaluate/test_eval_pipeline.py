@@ -124,3 +124,47 @@ def test_killed_actor_loses_and_duplicates_nothing(ray_session, tmp_path, data_d
     assert run.data.tags["newsray.constrained"] == "true" and run.info.run_name == "eval-baseline"
     assert run.data.metrics["accuracy"] == res.aggregates["accuracy"]
     assert run.data.metrics["per_class.Sci/Tech.f1"] == res.aggregates["per_class"]["Sci/Tech"]["f1"]
+
+
+@pytest.mark.slow
+def test_an_evaluation_killed_midway_is_finished_by_a_rerun_with_the_same_out(tmp_path, data_dir, embedded_model):
+    """`newsray evaluate --out D` SIGKILLed (with its in-process Ray) after its first rows: the re-run generates only the rest."""
+    import signal
+    import time
+
+    from newsray.errors import ConfigError
+    from newsray.evaluate.pipeline import GENERATIONS_FILE
+
+    n, out = 12, tmp_path / "ev"  # 3 actor calls of 4 rows (generation_dataset's rows per call at batch size 1)
+    cli = str(Path(sys.executable).with_name("newsray"))
+    args = [cli, "evaluate", "-c", str(AGNEWS), "--model", "baseline", "--out", str(out), f"tracking.run_dir={tmp_path / 'runs'}",
+            f"data.root={data_dir}", "ray.num_cpus=2", f"eval.limit={n}", "eval.batch_size=1", "eval.max_new_tokens=24", "eval.constrained=false"]
+    env = _env() | {"RAY_TMPDIR": str(Path("/tmp") / f"nre{os.getpid()}")}
+    first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    gen = out / GENERATIONS_FILE
+    deadline = time.monotonic() + 600
+    while not (gen.is_file() and gen.read_text().count("\n") >= 1):
+        assert first.poll() is None and time.monotonic() < deadline, "the first run ended or stalled before its first rows"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=60)
+    before = [json.loads(line) for line in gen.read_text().splitlines()]
+    assert 1 <= len(before) < n, len(before)
+    with open(gen, "a", encoding="utf-8") as f:
+        f.write('{"key": {"task": "agnews"}, "row": 5, "outp')  # what a crash mid-write leaves: dropped, generated again
+    # the same --out with other settings is refused in one sentence, and the file is kept
+    with pytest.raises(ConfigError, match="holds the generations of another evaluation .*max_new_tokens=24 .now 8"):
+        evaluate(_cfg(AGNEWS, tmp_path, data_dir, f"eval.limit={n}", "eval.max_new_tokens=8"), "baseline", out)
+    assert gen.is_file()
+    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    raw = [json.loads(line) for line in (out / "raw_outputs.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in raw] == list(range(n))  # every row once
+    kept = {r["row"]: r for r in before}
+    for r in raw:  # the first run's rows are reused as they were; the others come from the second run's actor
+        if r["id"] in kept:
+            assert (r["output"], r["actor_pid"]) == (kept[r["id"]]["output"], kept[r["id"]]["actor_pid"])
+    assert len({r["actor_pid"] for r in raw if r["id"] not in kept}) == 1 and not any(r["actor_pid"] == before[0]["actor_pid"]
+                                                                                       for r in raw if r["id"] not in kept)
+    assert json.loads((out / "eval_info.json").read_text())["reused_rows"] == len(before)
+    assert not gen.exists() and sorted(p.name for p in out.iterdir()) == sorted(FILES)

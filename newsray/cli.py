@@ -23,7 +23,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 app.add_typer(config_app, name="config")
 
-_state = {"verbose": False}
+_state = {"verbose": False, "capture": False}  # capture: set by main(), the console entry point (never in-process callers)
 
 
 @app.callback()
@@ -36,11 +36,11 @@ OverridesArg = typer.Argument(None, help="section.key=value overrides, e.g. trai
 
 
 def _load(config: Optional[Path], overrides: Optional[list[str]], command: str | None = None):
-    """The resolved config; for a stage command (`command`) the console then goes quiet (newsray.console)."""
+    """The resolved config; for a stage command (`command`) run as a command (main) the console then goes quiet (newsray.console)."""
     from newsray.config import load_config
 
     cfg = load_config(config, overrides or [])
-    if command and not _state["verbose"]:
+    if command and _state["capture"] and not _state["verbose"]:
         from newsray.console import capture_logs, log_path
 
         if log_path() is None:
@@ -320,6 +320,7 @@ def main() -> None:
     """
     from newsray.console import log_path, release_logs
 
+    _state["capture"] = True  # a process of its own: its file descriptors are ours to redirect
     try:
         app()
     except NewsrayError as e:

@@ -93,14 +93,19 @@ def submit(stage: str, config_path: Path | None, overrides: list[str] | tuple[st
     try:
         client = JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - the SDK raises ConnectionError/RuntimeError/ValueError
+        if any(k in str(e) for k in ("status code 401", "status code 403", "authentication token")):
+            raise NewsrayError(submit_failure(stage, address, e)) from None
         raise NewsrayError(f"cannot reach the Ray Jobs API at {address} ({str(e).splitlines()[0][:200]}); start a head with cluster/local.sh start or pass --address.") from None
     with tempfile.TemporaryDirectory(prefix="newsray-job-") as tmp:
         runtime_env, config_arg = build_runtime_env(cfg, stage, config_path, Path(tmp) / "job")
         args = list(job_args) + (["--config", config_arg] if config_arg else []) + list(overrides)
         entrypoint = " ".join(["python", f"jobs/{stage}.py", *map(_quote, args)])
-        job_id = _submit_with_retry(client, entrypoint=entrypoint, runtime_env=runtime_env,
-                                    metadata={"newsray.stage": stage, "newsray.version": newsray.__version__},
-                                    entrypoint_num_cpus=0)  # the driver on the head (it may have 0 CPUs)
+        try:
+            job_id = _submit_with_retry(client, entrypoint=entrypoint, runtime_env=runtime_env,
+                                        metadata={"newsray.stage": stage, "newsray.version": newsray.__version__},
+                                        entrypoint_num_cpus=0)  # the driver on the head (it may have 0 CPUs)
+        except Exception as e:  # noqa: BLE001 - the SDK raises RuntimeError/ValueError/requests errors
+            raise NewsrayError(submit_failure(stage, address, e)) from None
     log(f"submitted {stage} as {job_id} to {address}\n")
     if not wait:
         return SubmitResult(job_id, str(client.get_job_status(job_id)), None, address)
@@ -109,10 +114,57 @@ def submit(stage: str, config_path: Path | None, overrides: list[str] | tuple[st
         async for lines in client.tail_job_logs(job_id):
             log(lines)
 
-    asyncio.run(follow())
-    status = client.get_job_status(job_id)
-    result = parse_result(client.get_job_logs(job_id))
-    return SubmitResult(job_id, str(status.value if isinstance(status, JobStatus) else status), result, address)
+    try:
+        asyncio.run(follow())
+    except Exception as e:  # noqa: BLE001 - the log stream (a websocket) broke: follow the job by its status instead
+        log(f"\nnewsray: the log stream of {job_id} broke ({type(e).__name__}); waiting for the job to end...\n")
+    status = _wait_for_end(client, job_id, address)
+    logs = _get_logs(client, job_id, address)
+    return SubmitResult(job_id, str(status.value if isinstance(status, JobStatus) else status), parse_result(logs), address)
+
+
+def submit_failure(stage: str, address: str, e: BaseException) -> str:
+    """One sentence for a refused submission: auth (HTTP 401/403), files too large to upload, or the SDK's own message."""
+    msg = " ".join(str(e).split())[:300] or type(e).__name__
+    token = "the cluster's token in ~/.ray/auth_token (or $RAY_AUTH_TOKEN_PATH, or $RAY_AUTH_TOKEN) with RAY_AUTH_MODE=token"
+    if "status code 401" in msg or "Missing authentication token" in msg:
+        return f"the Ray Jobs API at {address} requires a token and got none (HTTP 401): put {token}."
+    if "status code 403" in msg or "Invalid authentication token" in msg:
+        return f"the Ray Jobs API at {address} refused this machine's token (HTTP 403): put {token}."
+    if "exceeds the maximum size" in msg or "too large" in msg.lower():
+        return f"the {stage} job's files are too large to upload to {address} ({msg}); keep data and weights out of the working dir (pass their paths or URIs)."
+    return f"submitting the {stage} job to {address} failed: {msg}"
+
+
+def _wait_for_end(client: Any, job_id: str, address: str) -> Any:
+    """The job's final status, polled (after the log stream ended or broke); one sentence if the head stays unreachable for a minute."""
+    import time
+
+    from ray.job_submission import JobStatus
+
+    failures = 0
+    while True:
+        try:
+            status = client.get_job_status(job_id)
+            failures = 0
+        except Exception as e:  # noqa: BLE001 - the head is unreachable for a moment, or gone
+            failures += 1
+            if failures >= 30:
+                raise NewsrayError(f"lost contact with the Ray Jobs API at {address} ({type(e).__name__}); job {job_id} may still be "
+                                   f"running: `ray job status {job_id} --address {address}` and `ray job logs {job_id} --address {address}`.") from None
+            time.sleep(2)
+            continue
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status
+        time.sleep(1)
+
+
+def _get_logs(client: Any, job_id: str, address: str) -> str:
+    try:
+        return client.get_job_logs(job_id)
+    except Exception as e:  # noqa: BLE001
+        raise NewsrayError(f"job {job_id} ended but its logs could not be read from {address} ({type(e).__name__}); "
+                           f"`ray job logs {job_id} --address {address}`.") from None
 
 
 def _submit_with_retry(client: Any, timeout_s: float = 90.0, **kwargs: Any) -> str:

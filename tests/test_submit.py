@@ -85,3 +85,20 @@ def test_submitted_training_job_finishes_and_its_adapter_is_found(head, tmp_path
     assert res.result["adapter_uri"] == f"runs:/{res.result['mlflow_run_id']}/adapter"
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs'}/mlflow.db")
     assert "adapter/adapter_config.json" in [a.path for a in client.list_artifacts(res.result["mlflow_run_id"], "adapter")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("auth_env", "match"), [
+    ({"RAY_AUTH_MODE": "disabled"}, "requires a token and got none (HTTP 401)"),
+    ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, "refused this machine's token (HTTP 403)"),
+])
+def test_a_submission_without_the_right_token_is_one_sentence(head, tmp_path, data_dir, auth_env, match):
+    """The real token-auth head: no token, and a wrong one (Ray's SDK takes $RAY_AUTH_TOKEN over ~/.ray/auth_token)."""
+    address, _ = head
+    cli = str(Path(sys.executable).with_name("newsray"))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")} | auth_env
+    r = subprocess.run([cli, "submit", "data", "--address", address, f"data.root={data_dir}", f"tracking.run_dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=300, env=env, check=False)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert match in " ".join(r.stderr.split()) and lines[-1].startswith("error: "), r.stderr[-2000:]

@@ -4,8 +4,8 @@ A stage command (train, tune, evaluate, analyze, compare, export, serve, pipelin
 lines and bars on `out`/`err`; everything else written to this process's stdout and stderr - Ray's,
 MLflow's and transformers' log records and warnings, the worker logs Ray forwards to the driver,
 Tune's status tables, C libraries and child processes such as an in-process Ray's raylet - goes to
-`<tracking.run_dir>/logs/<command>-<time>.log` (`capture_logs`). `--verbose` leaves both streams as
-they are. The capture is at the file-descriptor level (os.dup2), so nothing that writes to fd 1 or 2
+`<tracking.run_dir>/logs/<command>-<time>.log` (`capture_logs`, called by the CLI only when newsray
+runs as its own process). `--verbose` leaves both streams as they are. The capture is at the file-descriptor level (os.dup2), so nothing that writes to fd 1 or 2
 can slip past it; the consoles write to duplicates of the original descriptors.
 """
 

@@ -105,9 +105,12 @@ start_worker() {
            --dashboard-agent-listen-port="$((p + 2))" --dashboard-agent-grpc-port="$((p + 3))"
            --runtime-env-agent-port="$((p + 4))" --metrics-export-port="$((p + 5))")
   fi
+  # Its own temp dir, as on a machine of its own: a node's runtime-env agent unpacks a job's
+  # working_dir with overwrite (Ray's working_dir plugin), so nodes sharing one runtime_resources/
+  # deleted the directory that processes on the other nodes ran in (FileNotFoundError from getcwd).
   launch "worker-$k" ray start --block --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 \
     --num-cpus="$WORKER_CPUS" --resources="{\"newsray_worker_$k\": 1}" --object-store-memory=$((OBJECT_STORE_MB * 1024 * 1024)) \
-    "${ports[@]}" --disable-usage-stats
+    "${ports[@]}" --temp-dir="$TEMP_DIR/worker-$k" --disable-usage-stats
   echo "Ray worker node $k starting (pid $(cat "$(pidfile "worker-$k")")): $WORKER_CPUS CPU, resource newsray_worker_$k"
 }
 

@@ -56,16 +56,6 @@ def _job_env_covers(env_vars: dict[str, str]) -> bool:
     return all(job_vars.get(k) == v for k, v in env_vars.items())
 
 
-def _restore_cwd(cwd: str) -> None:
-    """In a submitted job, joining the cluster can re-extract the job's working dir (our cwd) under the
-    same path: the old directory is gone and os.getcwd() fails. Enter the new one."""
-    try:
-        os.getcwd()
-    except FileNotFoundError:
-        if os.path.isdir(cwd):
-            os.chdir(cwd)
-
-
 def init_ray(cfg: Config, extra_env: dict[str, str] | None = None, stage: str | None = None) -> Any:
     """`ray.init` once: `ray.address` / $RAY_ADDRESS if set, else in-process with the configured size.
 
@@ -89,15 +79,12 @@ def init_ray(cfg: Config, extra_env: dict[str, str] | None = None, stage: str | 
         # Inside a submitted job the job's runtime_env (working_dir, py_modules, env_vars) applies
         # too: combine it with ours instead of refusing the overlap.
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
-        cwd = os.getcwd()
         if _job_env_covers(runtime_env["env_vars"]):
-            # A submitted job whose runtime_env already carries these variables: a second, merged
-            # runtime_env would be a new environment for the job, whose working dir Ray re-extracts
-            # under the driver's feet (its cwd and not-yet-imported modules vanish for a while).
+            # A submitted job whose runtime_env already carries these variables: no second, merged
+            # runtime_env (a new environment for every actor of the job to set up).
             ray.init(address=address, log_to_driver=True)
         else:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-        _restore_cwd(cwd)
     else:
         # address="local": a new in-process Ray even when a `ray start` cluster runs on this
         # machine (a bare ray.init() would attach to the newest one and refuse num_cpus).

@@ -205,7 +205,6 @@ def run_job(stage_fn: Callable[..., Any], argv: list[str] | None = None, takes_m
         parser.add_argument("--model", "-m", default="baseline", help="baseline, an adapter directory or an MLflow URI.")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides.")
     args = parser.parse_args(argv)
-    _leave_ray_working_dir()
     try:
         cfg = load_config(args.config, args.overrides)
         result = stage_fn(cfg, args.model) if takes_model else stage_fn(cfg)
@@ -214,20 +213,3 @@ def run_job(stage_fn: Callable[..., Any], argv: list[str] | None = None, takes_m
         sys.exit(2)
     payload = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result
     print(RESULT_MARKER + json.dumps(payload, default=str), flush=True)
-
-
-def _leave_ray_working_dir() -> None:
-    """Run the job from a copy of its working dir, outside Ray's runtime_resources.
-
-    Ray may re-extract a job's working_dir under the same path while the job runs (seen in a
-    pipeline job while its Tune trials ended): the driver's cwd is then a deleted directory, and
-    every later os.getcwd() (Tune's result listing, os.path.abspath) fails with FileNotFoundError.
-    The copy (the entrypoint and its config, a few kB) keeps relative paths meaning the same.
-    """
-    src = Path.cwd()
-    if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "runtime_resources" not in src.parts:
-        return  # not a submitted job's working dir: leave the cwd alone
-    dst = Path(tempfile.gettempdir()) / "newsray-jobs" / f"{src.name}-{os.getpid()}"
-    shutil.copytree(src, dst, dirs_exist_ok=True)
-    os.chdir(dst)
-

@@ -186,8 +186,6 @@ def _actor_nodes(cluster, pids: set[int]) -> dict[int, str]:
 EVAL = ("eval.limit=4", "eval.batch_size=1", "eval.max_new_tokens=8", "eval.cpus_per_actor=0.6", "model.dtype=float32")
 
 
-@pytest.mark.xfail(strict=False, reason="passed in CI (2026-12-01, XPASS) and alone; failed once with a second cluster running "
-                   "beside it (the `ray job submit` CLI job exited 1, not understood). Kept running, not blocking CI")
 def test_evaluate_with_two_actors_on_two_nodes_equals_one_actor(cluster, tmp_path, data_dir, embedded_model):
     # two actors of 0.6 CPU cannot share a 1-CPU node: one per worker node; submitted with the real CLI
     t0 = time.perf_counter()
@@ -237,6 +235,7 @@ def test_pipeline_end_to_end_tune_trials_on_two_nodes_champion_on_the_server(clu
     champion = client.get_model_version_by_alias("newsray-agnews", "champion")
     assert r["registered"] == f"models:/newsray-agnews/{champion.version}" and r["answer"]
     FACTS["champion_version"] = champion.version
+    FACTS["pipeline_serve_port"] = serve_port  # its Serve instance stays (the pipeline removes only its app)
 
 
 def _trial_adapter(tmp_path: Path, child) -> Path:
@@ -252,10 +251,6 @@ def _trial_adapter(tmp_path: Path, child) -> Path:
 # Faults: real processes killed
 
 
-@pytest.mark.xfail(strict=False, reason="passed in CI after the fix (2026-12-01, XPASS: fresh ports for a replacement node, "
-                   "bounded Train retries); failed in a whole-file run at load average 38 on 2 cores, where the replacement node's "
-                   "raylet missed Ray's 30 s registration window 3 times and the run ended with newsray's one-sentence error in "
-                   "bounded time. Kept running, not blocking CI, because that load is not under the test's control")
 def test_worker_node_killed_mid_training_resumes_from_the_s3_checkpoint(cluster, tmp_path, data_dir, embedded_model):
     from test_train import assert_loads
 
@@ -352,10 +347,6 @@ def test_node_killed_mid_evaluation_loses_and_duplicates_no_row(cluster, tmp_pat
                                "kill_to_job_end_s": round(time.perf_counter() - t_kill, 1)}
 
 
-@pytest.mark.xfail(strict=False, reason="failed twice in CI's whole-file run (2026-12-01), where it runs after the fault tests "
-                   "that replaced worker-2: the first request got no HTTP answer, and in the run that waits up to 180 s for a first "
-                   "200 it failed again; passed when run after the train and MLflow tests only (3 passed in 426 s, and on the "
-                   "branch that built it). Kept running, not blocking CI, until understood")
 def test_serve_two_replicas_on_two_nodes_one_node_killed_under_load(cluster, tmp_path, data_dir, embedded_model):
     import urllib.error
     import urllib.request
@@ -372,9 +363,17 @@ def test_serve_two_replicas_on_two_nodes_one_node_killed_under_load(cluster, tmp
         register(load_config(None, agnews(data_dir, tmp_path)), trained["adapter_uri"], trained["mlflow_run_id"], "val_loss", 1.0,
                  "agnews:cluster-test", source="test_cluster")
     port = free_port()
-    res, logs = run_submit(cluster, "serve", agnews(data_dir, tmp_path, "serve.num_replicas=2", "serve.cpus_per_replica=1",
-                                                    "serve.max_new_tokens=8", f"serve.port={port}", "model.dtype=float32"),
-                           job_args=["--model", "models:/newsray-agnews@champion"])
+    serve_args = agnews(data_dir, tmp_path, "serve.num_replicas=2", "serve.cpus_per_replica=1", "serve.max_new_tokens=8",
+                        f"serve.port={port}", "model.dtype=float32")
+    serve_cli = [str(Path(sys.executable).with_name("serve")), "shutdown", "-y", "--address", cluster.address]
+    if FACTS.get("pipeline_serve_port"):
+        # Serve still runs with the pipeline's port: HTTP options are fixed when Serve starts, so another port is refused
+        res, logs = run_submit(cluster, "serve", serve_args, job_args=["--model", "models:/newsray-agnews@champion"])
+        assert res.status == "FAILED", logs[-3000:]
+        assert (f"Serve already runs on this Ray cluster with HTTP on 127.0.0.1:{FACTS['pipeline_serve_port']}" in logs
+                and f"127.0.0.1:{port} cannot apply" in logs and "Traceback" not in logs), logs[-3000:]
+        subprocess.run(serve_cli, capture_output=True, timeout=180, env={**os.environ, "RAY_AUTH_MODE": "token"}, check=True)
+    res, logs = run_submit(cluster, "serve", serve_args, job_args=["--model", "models:/newsray-agnews@champion"])
     assert res.status == "SUCCEEDED", logs[-4000:]
     url = f"http://127.0.0.1:{port}/v1/classify"
     try:
@@ -429,5 +428,4 @@ def test_serve_two_replicas_on_two_nodes_one_node_killed_under_load(cluster, tmp
         assert statuses.get(500, 0) == 0, FACTS["serve_node_kill"]
     finally:
         cluster.sh("start", "--workers", "2")
-        subprocess.run([str(Path(sys.executable).with_name("serve")), "shutdown", "-y", "--address", cluster.address],
-                       capture_output=True, timeout=180, env={**os.environ, "RAY_AUTH_MODE": "token"})
+        subprocess.run(serve_cli, capture_output=True, timeout=180, env={**os.environ, "RAY_AUTH_MODE": "token"})

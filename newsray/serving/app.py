@@ -368,6 +368,21 @@ def shutdown(cfg: Config) -> None:
     ray.shutdown()
 
 
+def _check_running_http(cfg: Config) -> None:
+    """Serve's HTTP host and port are fixed when Serve starts on a cluster: `serve.start` keeps those of a Serve
+    already running there (Ray only logs a warning), so the app would answer on another port than serve.port.
+    Refuse in one sentence instead (measured: a test deploying on a new port met 180 s of refused connections)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    http, s = _get_global_client().http_config, cfg.serve
+    if (http.host, http.port) != (s.host, s.port):
+        ray.shutdown()  # disconnect only: the running Serve and its apps are someone's
+        raise ConfigError(f"Serve already runs on this Ray cluster with HTTP on {http.host}:{http.port}, fixed when it started, so "
+                          f"serve.host/serve.port {s.host}:{s.port} cannot apply: set serve.host={http.host} serve.port={http.port}, or end "
+                          "that Serve first (`serve shutdown`, which removes its apps).")
+
+
 def run(cfg: Config, model_ref: str, blocking: bool = True, on_ready: Callable[[str], None] | None = None,
         detach: bool = False) -> str:
     """Start the app (in-process Ray, or the cluster of ray.address) and return its URL.
@@ -383,6 +398,7 @@ def run(cfg: Config, model_ref: str, blocking: bool = True, on_ready: Callable[[
     init_ray(cfg, stage="serve")
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})
+    _check_running_http(cfg)
     t0 = time.perf_counter()
     try:
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)

@@ -178,6 +178,47 @@ def test_failed_run_is_marked_failed_keeps_its_checkpoint_and_resumes_on_purpose
     assert client.get_run(result.mlflow_run_id).data.tags["newsray.resumed"] == "true"
 
 
+def test_a_user_error_in_a_worker_ends_the_run_at_once_not_retried(ray_cluster, tmp_path, data_dir, embedded_model):
+    """Resuming into another LoRA shape is found in the worker (it reads the checkpoint): one sentence after one attempt,
+    although train.max_failures allows three more."""
+    from ray._private.state import actors  # the GCS actor table, dead actors included (no dashboard in this Ray)
+
+    from newsray.errors import ConfigError
+    from newsray.train import train
+
+    args = overrides(tmp_path, data_dir, "data.train_rows=[100,102]", "train.max_steps=1", "train.checkpoint_every_steps=1",
+                     "lora.r=4", "lora.alpha=4", "train.run_name=reshaped")
+    train(load_config(None, args))
+
+    def workers_started() -> int:
+        return sum(1 for a in actors().values() if a["ActorClassName"] == "RayTrainWorker")
+
+    before = workers_started()
+    with pytest.raises(ConfigError, match=r"another LoRA shape \(lora\.r=4 there, 8 here; lora\.alpha=4 there, 8 here\)"):
+        train(load_config(None, args + ["lora.r=8", "lora.alpha=8", "train.resume=true", "train.max_steps=2", "train.max_failures=3"]))
+    assert workers_started() - before == 1  # one attempt: Ray Train did not retry the user's error
+
+
+def test_the_best_validation_checkpoint_survives_later_worse_ones(ray_cluster, tmp_path, data_dir, embedded_model):
+    """keep_checkpoints=1 with a checkpoint every step and a learning rate that makes validation worse after the start:
+    the best val_loss checkpoint is kept beside the latest (Ray's score-ordered keep), and MLflow names it."""
+    import mlflow
+
+    from newsray.train import train
+
+    result = train(load_config(None, overrides(tmp_path, data_dir, "data.train_rows=[100,106]", "data.val_fraction=0.34",
+                                               "train.max_steps=4", "train.checkpoint_every_steps=1", "train.keep_checkpoints=1",
+                                               "train.learning_rate=0.05", "train.run_name=best-kept")))
+    val = {h["step"]: h["val_loss"] for h in state_of(result.adapter_dir)["log_history"] if "val_loss" in h}
+    best = min(val, key=val.get)
+    assert sorted(val) == [1, 2, 3, 4] and best != 4, f"validation did not get worse after its best step: {val}"
+    kept = sorted(p.name for p in (tmp_path / "ray" / "best-kept").glob("checkpoint_*") if p.is_dir())
+    assert kept == [f"checkpoint_{best:06d}", "checkpoint_000004"]
+    tags = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}").get_run(result.mlflow_run_id).data.tags
+    assert tags["newsray.best_checkpoint"].endswith(f"checkpoint_{best:06d}")
+    assert float(tags["newsray.best_val_loss"]) == pytest.approx(val[best], rel=1e-4)
+
+
 def test_workers_must_fit_in_the_in_process_ray(ray_cluster, tmp_path, data_dir, embedded_model):
     from newsray.errors import ConfigError
     from newsray.train import train

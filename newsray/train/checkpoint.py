@@ -81,11 +81,27 @@ def save_training_state(directory: Path, optimizer: Any, scheduler: Any, state: 
     torch.save(payload, Path(directory) / TRAINING_STATE_FILE)
 
 
+def check_adapter_shape(model: Any, directory: Path) -> None:
+    """A checkpoint resumes only into the LoRA shape it was trained with: a ConfigError naming the difference."""
+    from newsray.errors import ConfigError
+
+    saved = json.loads((Path(directory) / "adapter_config.json").read_text())
+    current = model.peft_config["default"]
+    diffs = [f"lora.{name}={saved.get(key)!r} there, {norm(getattr(current, key))!r} here"
+             for name, key, norm in (("r", "r", int), ("alpha", "lora_alpha", int),
+                                     ("target_modules", "target_modules", lambda v: sorted(v or [])))
+             if (sorted(saved.get(key) or []) if name == "target_modules" else saved.get(key)) != norm(getattr(current, key))]
+    if diffs:
+        raise ConfigError(f"the checkpoint {directory} was trained with another LoRA shape ({'; '.join(diffs)}): "
+                          "resume with its settings, or start a new run (another train.run_name, train.resume=false).")
+
+
 def load_adapter_weights(model: Any, directory: Path) -> None:
     """Copy saved LoRA weights into an already-built PEFT model (same config)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    check_adapter_shape(model, directory)
     weights = load_file(str(Path(directory) / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(model, weights)
     unexpected = getattr(result, "unexpected_keys", None)

@@ -20,7 +20,7 @@ from typing import Any
 
 from newsray.config import Config
 from newsray.console import progress, progress_enabled, warn
-from newsray.errors import ConfigError, NewsrayError
+from newsray.errors import ConfigError, NewsrayError, cause, user_error
 from newsray.train.checkpoint import TRAINING_STATE_FILE, TrainerState
 from newsray.train.data import TrainData
 
@@ -112,32 +112,11 @@ def check_resources(cfg: Config, in_process: bool) -> None:
             warn(f"{msg} (waiting for the autoscaler, if any)")
 
 
-def _cause(exc: BaseException, cls: type | tuple[type, ...]) -> BaseException | None:
-    """The first exception of type `cls` in `exc` or anything Ray wrapped in it (causes, worker and controller failures)."""
-    seen: set[int] = set()
-    todo: list[Any] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, cls):
-            return e
-        todo += [getattr(e, "controller_failure", None), getattr(e, "cause", None), e.__cause__, e.__context__,
-                 *getattr(e, "worker_failures", {}).values()]
-    return None
-
-
-def _user_error(exc: BaseException) -> NewsrayError | None:
-    """A NewsrayError raised inside a worker, dug out of Ray's wrappers."""
-    return _cause(exc, NewsrayError)  # type: ignore[return-value]
-
-
 def _start_timeout_error(exc: BaseException, cfg: Config, latest: str | None) -> NewsrayError | None:
     """Ray Train gave up starting the worker group (train.worker_start_retries spent): one sentence."""
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
-    if _cause(exc, WorkerGroupStartupTimeoutError) is None:
+    if cause(exc, WorkerGroupStartupTimeoutError) is None:
         return None
     return NewsrayError(
         f"Ray Train could not start {cfg.train.num_workers} worker(s) of {cfg.train.cpus_per_worker:g} CPU in "
@@ -214,12 +193,35 @@ def build_trainer(cfg: Config, loop_config: dict[str, Any], callbacks: list[Any]
         train_loop_per_worker, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.train.run_name, storage_path=cfg.train.storage_path, callbacks=callbacks or None,
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        run_config=RunConfig(name=cfg.train.run_name, storage_path=cfg.train.storage_path,
+                             callbacks=[_stop_on_user_error(), *(callbacks or [])],
+                             # with a validation split: the K best by val_loss are kept (Ray also keeps the latest,
+                             # to resume from), so a later, worse checkpoint never deletes the best one
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                                                **({"checkpoint_score_attribute": "val_loss", "checkpoint_score_order": "min"}
+                                                                   if loop_config.get("val_rows") else {})),
                              # controller_failure_limit: Ray's default (-1) retries a worker group that
                              # cannot be placed forever (measured: a run hung after a node died)
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures,
                                                           controller_failure_limit=cfg.train.worker_start_retries)))
+
+
+def _stop_on_user_error() -> Any:
+    """A Train callback: a newsray error raised in a worker (a setting, the data, the model) is the user's to fix,
+    so it ends the run at once instead of being retried train.max_failures times.
+
+    It runs in Ray Train's controller; re-raising the worker's error there makes the failure policy see a
+    controller error it does not retry (Ray Train V2 has no public hook to classify worker errors)."""
+    from ray.train import UserCallback
+
+    class StopOnUserError(UserCallback):
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            for exc in worker_exceptions.values():
+                user = user_error(exc)
+                if user is not None:
+                    raise user
+
+    return StopOnUserError()
 
 
 @contextlib.contextmanager
@@ -304,7 +306,7 @@ def train(cfg: Config) -> TrainResult:
         except Exception as exc:
             latest = _latest_checkpoint(run_path)
             mlflow.set_tag("newsray.latest_checkpoint", latest or "none")
-            user = _user_error(exc) or _start_timeout_error(exc, cfg, latest)
+            user = user_error(exc) or _start_timeout_error(exc, cfg, latest)
             if user is not None:
                 raise user from None
             raise
@@ -315,11 +317,21 @@ def train(cfg: Config) -> TrainResult:
         state = TrainerState.read(adapter_dir)
         metrics = _summary(result.metrics or {}, state, wall)
         mlflow.log_metrics(metrics)
-        mlflow.set_tags({"newsray.checkpoint": result.checkpoint.path, "newsray.adapter_dir": str(adapter_dir)})
+        mlflow.set_tags({"newsray.checkpoint": result.checkpoint.path, "newsray.adapter_dir": str(adapter_dir),
+                         **_best_checkpoint_tags(result)})
         _log_adapter(adapter_dir)
         run_id = run.info.run_id
     return TrainResult(adapter_dir=adapter_dir, adapter_uri=f"runs:/{run_id}/adapter", mlflow_run_id=run_id,
                        metrics=metrics, checkpoint=result.checkpoint.path, run_name=run_name)
+
+
+def _best_checkpoint_tags(result: Any) -> dict[str, str]:
+    """The kept checkpoint with the lowest val_loss (tags newsray.best_checkpoint / newsray.best_val_loss), if any has one."""
+    scored = [(m["val_loss"], c.path) for c, m in (result.best_checkpoints or []) if isinstance(m.get("val_loss"), (int, float))]
+    if not scored:
+        return {}
+    loss, path = min(scored)
+    return {"newsray.best_checkpoint": path, "newsray.best_val_loss": f"{loss:.6g}"}
 
 
 def _train_remote(cfg: Config, data: TrainData, run_name: str) -> TrainResult:

@@ -87,7 +87,7 @@ class TrainConfig(_Section):
     group_by_length: bool = Field(False, description="Batch examples of similar length together (less padding), in a random order of batches each epoch.")
     logging_steps: int = Field(1, gt=0, description="Log loss/lr/tokens-per-second every N steps.")
     checkpoint_every_steps: int = Field(50, gt=0, description="Report a Ray Train checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept (the latest K).")
+    keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept: the K best by val_loss (and the latest, to resume from); the latest K without a validation split.")
     storage_path: str = Field("runs/ray", description="Ray Train storage path (local dir or shared/cloud URI).")
     num_workers: int = Field(1, gt=0, description="Ray Train workers (DDP ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
@@ -129,6 +129,7 @@ class PipelineConfig(_Section):
     eval_limit: int | None = Field(None, gt=0, description="Test examples evaluated per model; None = eval.limit (None = all).")
     serve: bool = Field(True, description="Start Serve on the champion and answer one real request.")
     keep_serving: bool = Field(False, description="Leave the endpoint up after the request, until Ctrl-C.")
+    resume: bool = Field(False, description="Go on with the newest pipeline run of this experiment that did not finish: stages it recorded are not run again (`newsray pipeline --resume`).")
 
 
 class EvalConfig(_Section):

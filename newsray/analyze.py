@@ -23,7 +23,7 @@ from typing import Any
 
 from newsray.config import Config
 from newsray.console import progress
-from newsray.errors import DataError
+from newsray.errors import DataError, ray_user_errors
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def analyze(cfg: Config, input_uri: str, model_ref: str, out: str) -> AnalyzeRes
     if items:
         init_ray(cfg, stage="evaluate")
         ids = [it["id"] for it in items]
-        with progress("analyze", len(items), "rows") as advance:
+        with progress("analyze", len(items), "rows") as advance, ray_user_errors():
             for batch in generation_dataset(cfg, pinned, spec, [{k: it[k] for k in ("row", "messages")} for it in items]).iter_batches(
                     batch_format="pandas", batch_size=None):
                 out_rows = []

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import newsray
 from newsray.config import Config
 from newsray.console import progress
-from newsray.errors import ConfigError, DataError
+from newsray.errors import ConfigError, DataError, NewsrayError, ray_user_errors
 from newsray.generation import ModelSpec, load_generator, model_slug, on_device, resolve_model_ref, vllm
 from newsray.raycluster import init_ray
 from newsray.tasks import Example, get_task
@@ -64,14 +64,28 @@ class GeneratorActor:
     """A Ray Data actor: loads the model once, then generates and parses batches of rows."""
 
     def __init__(self, cfg: Config, model_ref: str, spec: ModelSpec, fault: str | None = None):
+        self.rows_done, self.fault, self.error = 0, fault, None
+        try:
+            self._load(cfg, model_ref, spec)
+        except NewsrayError as e:
+            # raised again with the first batch: an error in an actor's __init__ reaches the driver as text in
+            # Ray's ActorDiedError, one in a batch as itself (evaluate and analyze then print its one sentence)
+            self.error = e
+
+    def _load(self, cfg: Config, model_ref: str, spec: ModelSpec) -> None:
         import torch
 
-        device = "cuda" if cfg.eval.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        if cfg.eval.gpus_per_actor > 0 and not torch.cuda.is_available():
+            import ray
+
+            raise ConfigError(f"eval.gpus_per_actor={cfg.eval.gpus_per_actor:g}: Ray gave this actor a GPU on node "
+                              f"{ray.util.get_node_ip_address()}, but its torch {torch.__version__} sees no CUDA device; install a "
+                              "CUDA build of torch there, or set eval.gpus_per_actor=0 to generate on CPUs.")
+        device = "cuda" if cfg.eval.gpus_per_actor > 0 else "cpu"
         spec = on_device(spec, cfg.eval.dtype, device)
         self.gen = load_generator(model_ref, cfg, device, num_threads=cfg.eval.cpus_per_actor, spec=spec, slots=cfg.eval.batch_size)
         self.dtype = spec.model.dtype
         self.task, self.max_new_tokens, self.constrained = cfg.data.task, cfg.eval.max_new_tokens, cfg.eval.constrained
-        self.rows_done, self.fault = 0, fault
 
     def _maybe_crash(self) -> None:
         """The FAULT_ENV hook: die once (SIGKILL, no cleanup), as a crashed or preempted actor would."""
@@ -83,6 +97,8 @@ class GeneratorActor:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        if self.error is not None:
+            raise self.error
         messages = [json.loads(m) for m in batch["messages"]]
         t0 = time.perf_counter()
         results = self.gen.generate(messages, self.max_new_tokens, self.constrained)
@@ -142,8 +158,9 @@ def _generate(cfg: Config, model_ref: str, spec: ModelSpec, examples: list[Examp
                 keep(row)
         elif pending:
             pending.sort(key=lambda it: len(it["messages"]))  # similar lengths batch together (less padding); "row" restores order
-            for row in generation_dataset(cfg, model_ref, spec, pending).iter_rows():
-                keep(row)
+            with ray_user_errors():  # e.g. an actor's ConfigError: one sentence, the rows kept so far stay on disk
+                for row in generation_dataset(cfg, model_ref, spec, pending).iter_rows():
+                    keep(row)
     rows.sort(key=lambda r: int(r["row"]))
     got = [int(r["row"]) for r in rows]
     if got != list(range(len(examples))):
@@ -205,6 +222,9 @@ def generation_dataset(cfg: Config, model_ref: str, spec: ModelSpec, items: list
     # drains only at the end of a call), at least two calls per actor so every actor gets rows, at
     # most 4 x slots so a crashed actor repeats little.
     per_call = min(len(items), max(e.batch_size, math.ceil(len(items) / (2 * e.num_actors))), 4 * e.batch_size)
+    # A UDF's exception as itself, not as Ray Data's UserCodeException (which loses it on the way to the driver):
+    # a NewsrayError raised in an actor then ends evaluate/analyze with its one sentence.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / per_call)))
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for max_restarts / max_task_retries (its actor pool reads

@@ -54,9 +54,12 @@ class TaskConstraint:
         import llguidance.hf
         from llguidance import LLMatcher
 
-        self.ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, eos_token=list(stop_ids))
         self.grammar, self.reserve = news_grammar() if task == "news" else agnews_grammar()
-        problem = LLMatcher.validate_grammar(self.grammar, self.ll_tokenizer)
+        try:  # llguidance reads the tokenizer's byte decoding; a tokenizer it cannot map fails here
+            self.ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, eos_token=list(stop_ids))
+            problem = LLMatcher.validate_grammar(self.grammar, self.ll_tokenizer)
+        except (ValueError, TypeError, RuntimeError) as e:
+            problem = f"{type(e).__name__}: {e}"
         if problem:
             raise GenerationError(f"the {task} answer grammar cannot be expressed with this model's tokenizer ({str(problem)[:300]}); "
                                   "run without constrained decoding (eval.constrained=false / serve.constrained=false).")

@@ -168,3 +168,27 @@ def test_an_evaluation_killed_midway_is_finished_by_a_rerun_with_the_same_out(tm
                                                                                        for r in raw if r["id"] not in kept)
     assert json.loads((out / "eval_info.json").read_text())["reused_rows"] == len(before)
     assert not gen.exists() and sorted(p.name for p in out.iterdir()) == sorted(FILES)
+
+
+@pytest.mark.slow
+def test_a_gpu_actor_without_cuda_is_one_sentence_not_a_silent_cpu_run(tmp_path, data_dir, embedded_model):
+    """A node that declares a GPU to Ray (`ray start --num-gpus=1`) while its torch has no CUDA: eval.gpus_per_actor=1
+    places the actor there, and the actor must refuse in one sentence instead of generating on the CPU."""
+    code = f"""
+import ray
+from newsray.config import load_config
+from newsray.errors import ConfigError
+from newsray.evaluate.pipeline import evaluate
+ray.init(num_cpus=2, num_gpus=1, object_store_memory=256 * 1024 * 1024, include_dashboard=False)
+cfg = load_config({str(AGNEWS)!r}, ["tracking.run_dir={tmp_path / 'runs'}", "data.root={data_dir}", "eval.limit=2",
+                                   "eval.max_new_tokens=4", "eval.gpus_per_actor=1", "eval.max_actor_restarts=0"])
+try:
+    evaluate(cfg, "baseline", out_dir={str(tmp_path / 'out')!r})
+except ConfigError as e:
+    print("ONE SENTENCE:", e)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=420, env=_env())
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = next(ln for ln in run.stdout.splitlines() if ln.startswith("ONE SENTENCE:"))
+    assert "eval.gpus_per_actor=1: Ray gave this actor a GPU" in line and "sees no CUDA device" in line
+    assert not (tmp_path / "out" / "generations.jsonl").is_file() or not (tmp_path / "out" / "generations.jsonl").read_text()

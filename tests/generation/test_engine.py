@@ -124,3 +124,21 @@ def test_a_row_whose_grammar_fails_ends_alone_as_data(gen, prompts, alone):
     g = gen.request(prompts[0], 12, constrained=True).grammar
     with pytest.raises(GenerationError, match="left its grammar at token 0"):  # what the engine turns into reason "error"
         g.consume(gen.tokenizer(" 5", add_special_tokens=False)["input_ids"][0])
+
+
+@pytest.mark.parametrize("task", ["agnews", "news"])
+def test_a_tokenizer_the_grammar_cannot_use_is_one_sentence(task):
+    """A real word-level tokenizer (no byte decoding: llguidance cannot map its tokens to bytes) with constrained decoding:
+    a GenerationError naming the fix, not llguidance's ValueError."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from newsray.generation.grammar import TaskConstraint
+
+    vocab = {"[UNK]": 0, "</s>": 1, "World": 2, "Sports": 3, "Business": 4}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=word_level, eos_token="</s>", unk_token="[UNK]")
+    with pytest.raises(GenerationError, match=f"the {task} answer grammar cannot be expressed with this model's tokenizer .*"
+                                              r"run without constrained decoding \(eval.constrained=false / serve.constrained=false\)"):
+        TaskConstraint(tok, task, [1], [tok.convert_ids_to_tokens(i) for i in range(len(vocab))])

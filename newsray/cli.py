@@ -268,11 +268,13 @@ def export_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]
 
 
 @app.command("pipeline")
-def pipeline_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg) -> None:
+def pipeline_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[str]] = OverridesArg,
+                 resume: bool = typer.Option(False, "--resume", help="Go on with the newest pipeline run that did not finish: "
+                                             "the stages it finished are not run again (= pipeline.resume=true).")) -> None:
     """The end-to-end job: tune -> train -> evaluate baseline and tuned -> compare -> register -> serve one request (docs/PIPELINE.md)."""
     from newsray.pipeline import pipeline
 
-    cfg = _load(config, overrides, "pipeline")
+    cfg = _load(config, [*(overrides or []), *(["pipeline.resume=true"] if resume else [])], "pipeline")
     r = pipeline(cfg)
     table = Table("what", "where", title=f"newsray pipeline: done in {r.wall_s / 60:.1f} min")
     rows = [("MLflow", f"{r.tracking_uri} (experiment {r.experiment}, pipeline run {r.mlflow_run_id})"), ("search run", r.tune_run_id),

@@ -10,7 +10,9 @@ trials' and the registry's champion rule compares like with like; the test set o
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -22,9 +24,11 @@ from typing import Any
 
 from newsray.config import Config
 from newsray.console import status
-from newsray.errors import ModelError
+from newsray.errors import ConfigError, ModelError
 
 STAGES = ("tune", "train", "objective", "evaluate baseline", "evaluate tuned", "compare", "register", "serve")
+RECORDS = "pipeline_stages"  # artefact folder of the pipeline run: <stage>.json once a stage has finished (what --resume reads)
+FAIL_ENV = "NEWSRAY_PIPELINE_FAIL_AT"  # tests: a stage name; the pipeline crashes as that stage starts, as a killed one would
 
 
 @dataclass
@@ -143,6 +147,50 @@ def _stage(console: Any, times: dict[str, float], name: str, detail: str) -> Ite
     console.print(f"[green]done[/green] {name} in {times[name]:.0f} s")
 
 
+def _record_of(result: Any) -> dict[str, Any]:
+    """A stage's result as JSON (dataclass fields; Paths as strings)."""
+    data = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else {"value": result}
+    return json.loads(json.dumps(data, default=str))
+
+
+def _from_record(cls: Any, record: dict[str, Any]) -> Any:
+    """A stage's result back from its record (the fields the pipeline reads; Paths stay strings)."""
+    if cls is None:
+        return record["value"]
+    return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls) if f.name in record})
+
+
+def _resumable(cfg: Config) -> tuple[str, dict[str, dict[str, Any]]]:
+    """pipeline.resume: the newest pipeline run of the experiment and the stages it recorded. One sentence if
+    there is none, if it finished, or if it ran another config (its results would not belong to this one)."""
+    import mlflow
+
+    from newsray import tracking
+
+    exp_id = tracking.setup(cfg)
+    client = mlflow.MlflowClient()
+    where = f"experiment {tracking.experiment_name(cfg)} at {tracking.tracking_uri(cfg)}"
+    runs = client.search_runs([exp_id], "tags.`newsray.stage` = 'pipeline'", order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise ConfigError(f"pipeline.resume: there is no pipeline run in {where} to go on with; run the pipeline without --resume.")
+    run = runs[0]
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"pipeline.resume: the newest pipeline run in {where} ({run.info.run_id}) finished; "
+                          "run the pipeline without --resume for a new one.")
+    old, new = run.data.params, tracking.run_params(cfg)
+    diff = sorted(k for k in set(old) | set(new) if k != "pipeline.resume" and old.get(k) != new.get(k))
+    if diff:
+        shown = ", ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} now" for k in diff[:4]) + (f" and {len(diff) - 4} more" if len(diff) > 4 else "")
+        raise ConfigError(f"pipeline.resume: the pipeline run {run.info.run_id} ran another config ({shown}); "
+                          "resume with its config, or run the pipeline without --resume.")
+    records = {}
+    for art in client.list_artifacts(run.info.run_id, RECORDS):
+        name = Path(art.path).stem.replace("_", " ")
+        if name in STAGES:
+            records[name] = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/{art.path}")
+    return run.info.run_id, records
+
+
 def pipeline(cfg: Config) -> PipelineResult:
     """Run the whole flow on the config's budget; print progress per stage; return where everything is."""
     import mlflow
@@ -167,41 +215,60 @@ def pipeline(cfg: Config) -> PipelineResult:
 
         check_port(cfg)  # before the search, not after it
     prepared = prepare(tcfg)  # the search's checks (backend, precision, search space, data) before any run is opened
-    import transformers  # noqa: F401 - before Ray: in a submitted job, joining the cluster can re-extract the job's
-    # working dir (the cwd) under the same path, and transformers reads the cwd when it is first imported
-
+    from newsray.evaluate.pipeline import EvalResult
+    from newsray.evaluate.report import CompareResult
     from newsray.raycluster import init_ray
+    from newsray.registry import Registration
+    from newsray.train import TrainResult
+    from newsray.tune import TuneResult
 
+    resumed, records = _resumable(cfg) if cfg.pipeline.resume else (None, {})  # before Ray starts
     init_ray(cfg, stage="pipeline")  # every stage's placement (and, on a cluster, its storage and MLflow) before the search
-    with tracking.start_run(cfg, run_name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", stage="pipeline",
-                            data_hashes=get_task(cfg).data_hashes()) as run:
+    opened = (tracking.resume_run(cfg, resumed) if resumed else
+              tracking.start_run(cfg, run_name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", stage="pipeline", data_hashes=get_task(cfg).data_hashes()))
+    with opened as run:
+
+        def stage(name: str, detail: str, fn: Any, cls: Any) -> Any:
+            """Run one stage and record its result in the pipeline run, or take the result a resumed run recorded."""
+            if name in records:
+                console.print(f"[dim]{STAGES.index(name) + 1}/{len(STAGES)} {name}: done in pipeline run {resumed}, not run again[/dim]")
+                return _from_record(cls, records[name])
+            if os.environ.get(FAIL_ENV) == name:
+                raise RuntimeError(f"{FAIL_ENV}: the pipeline crashed as stage {name!r} started")
+            with _stage(console, times, name, detail):
+                result = fn()
+            mlflow.log_dict(_record_of(result), f"{RECORDS}/{name.replace(' ', '_')}.json")
+            return result
+
         t = tcfg.tune
         n = "grid" if t.search_alg == "grid" else f"{t.num_samples} trials"
-        with _stage(console, times, "tune", f"{n} x {t.max_steps_per_trial} steps, {t.search_alg} search, ASHA on val_loss, objective {objective}"):
-            best = tune(tcfg, prepared=prepared)
+        best = stage("tune", f"{n} x {t.max_steps_per_trial} steps, {t.search_alg} search, ASHA on val_loss, objective {objective}",
+                     lambda: tune(tcfg, prepared=prepared), TuneResult)
         fcfg = final_config(cfg, best.best_params)
         steps = fcfg.train.max_steps or f"{fcfg.train.epochs:g} epochs"
-        with _stage(console, times, "train", f"best values {best.best_params} for {steps} steps on the training split"):
-            trained = train(fcfg)
-        with _stage(console, times, "objective", f"{objective} of the final model on the validation split"):
+        trained = stage("train", f"best values {best.best_params} for {steps} steps on the training split", lambda: train(fcfg), TrainResult)
+
+        def measure() -> float:
             if objective == "val_loss":
-                value = float(trained.metrics["final_val_loss"])
-            else:
-                value = val_objective(tcfg, str(trained.adapter_dir), Path(cfg.tracking.run_dir).resolve() / "pipeline" / run.info.run_id / "val")
+                return float(trained.metrics["final_val_loss"])
+            return val_objective(tcfg, str(trained.adapter_dir), Path(cfg.tracking.run_dir).resolve() / "pipeline" / run.info.run_id / "val")
+
+        value = stage("objective", f"{objective} of the final model on the validation split", measure, None)
         limit = ecfg.eval.limit or "all"
-        with _stage(console, times, "evaluate baseline", f"{limit} test examples, Ray Data"):
-            base_ev = evaluate(ecfg, "baseline")
-        with _stage(console, times, "evaluate tuned", f"{limit} test examples, Ray Data"):
-            tuned_ev = evaluate(ecfg, trained.adapter_uri)
-        with _stage(console, times, "compare", "metric table, paired tests, plots, report"):
-            cmp = compare(ecfg, [base_ev.run_id, tuned_ev.run_id], ["baseline", "tuned"])
-        with _stage(console, times, "register", f"newsray-{cfg.data.task}: a new version; champion only if its {objective} is better"):
-            reg = register(cfg, trained.adapter_uri, trained.mlflow_run_id, objective, value, objective_basis(cfg, get_task(cfg).data_hashes()),
-                           source=f"newsray pipeline run {run.info.run_id}")
+        base_ev = stage("evaluate baseline", f"{limit} test examples, Ray Data", lambda: evaluate(ecfg, "baseline"), EvalResult)
+        tuned_ev = stage("evaluate tuned", f"{limit} test examples, Ray Data", lambda: evaluate(ecfg, trained.adapter_uri), EvalResult)
+        cmp = stage("compare", "metric table, paired tests, plots, report",
+                    lambda: compare(ecfg, [base_ev.run_id, tuned_ev.run_id], ["baseline", "tuned"]), CompareResult)
+        reg = stage("register", f"newsray-{cfg.data.task}: a new version; champion only if its {objective} is better",
+                    lambda: register(cfg, trained.adapter_uri, trained.mlflow_run_id, objective, value,
+                                     objective_basis(cfg, get_task(cfg).data_hashes()), source=f"newsray pipeline run {run.info.run_id}"),
+                    Registration)
         endpoint, answer = None, None
         if cfg.pipeline.serve:
+            if os.environ.get(FAIL_ENV) == "serve":
+                raise RuntimeError(f"{FAIL_ENV}: the pipeline crashed as stage 'serve' started")
             with _stage(console, times, "serve", f"models:/{reg.name}@{CHAMPION} on Ray Serve, one real request"):
-                endpoint, answer = _serve_once(cfg, f"models:/{reg.name}@{CHAMPION}")
+                endpoint, answer = _serve_once(cfg, f"models:/{reg.name}@{CHAMPION}")  # not recorded: a resumed run serves again
         keys = ("field_f1_overall", "json_validation_rate", "relevance_mae", "accuracy", "macro_f1")
         headline = {name: {k: float(v) for k, v in ev.aggregates.items() if k in keys} for name, ev in (("baseline", base_ev), ("tuned", tuned_ev))}
         mlflow.log_metrics({f"stage_s.{k.replace(' ', '_')}": v for k, v in times.items()} | {f"final_{objective}": value})

@@ -81,12 +81,16 @@ def git_commit(path: Path | None = None) -> str:
         return "unknown"
 
 
+def run_params(cfg: Config) -> dict[str, str]:
+    """The config as MLflow params (flat keys, values as strings, cut to MLflow's length)."""
+    return {k: (str(v) if not isinstance(v, str) else v)[:MAX_PARAM_CHARS] for k, v in cfg.flat().items()}
+
+
 def log_run_context(cfg: Config, data_hashes: dict[str, str] | None = None) -> None:
     """Log the resolved config (params + YAML artefact), data file hashes and the git commit."""
     import mlflow
 
-    params = {k: (str(v) if not isinstance(v, str) else v)[:MAX_PARAM_CHARS] for k, v in cfg.flat().items()}
-    mlflow.log_params(params)
+    mlflow.log_params(run_params(cfg))
     mlflow.log_text(cfg.to_yaml(), "config.yaml")
     tags: dict[str, Any] = {"newsray.task": cfg.data.task, "newsray.model": cfg.model.name, "newsray.git_commit": git_commit(), "newsray.version": newsray.__version__}
     for role, digest in (data_hashes or {}).items():
@@ -106,4 +110,14 @@ def start_run(cfg: Config, run_name: str, stage: str, data_hashes: dict[str, str
     nested = nested or mlflow.active_run() is not None
     with mlflow.start_run(run_name=run_name, nested=nested, tags={"newsray.stage": stage}) as run:
         log_run_context(cfg, data_hashes)
+        yield run
+
+
+@contextmanager
+def resume_run(cfg: Config, run_id: str) -> Iterator[Any]:
+    """Reopen an earlier run of the task's experiment (its context was logged when it started)."""
+    import mlflow
+
+    setup(cfg)
+    with mlflow.start_run(run_id=run_id) as run:
         yield run

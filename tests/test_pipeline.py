@@ -166,3 +166,53 @@ def test_a_pipeline_failing_its_checks_leaves_no_run(tmp_path, data_dir, embedde
     assert r.returncode == 2 and "bitsandbytes GPU optimizer" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     exps = mlflow.MlflowClient(uri).search_experiments() if (tmp_path / "runs" / "mlflow.db").exists() else []
     assert not [run for e in exps for run in mlflow.MlflowClient(uri).search_runs([e.experiment_id])]  # no empty FAILED run
+
+
+def test_a_crashed_pipeline_resumes_after_its_last_finished_stage(tmp_path, data_dir, embedded_model):
+    """The pipeline crashes as `compare` starts; `--resume` with another config is refused in one sentence; `--resume`
+    runs only compare and register in the same pipeline run (tune, train and the evaluations are not repeated);
+    resuming the finished run is refused."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from newsray.pipeline import FAIL_ENV
+
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"MLFLOW_TRACKING_URI": uri, "OMP_WAIT_POLICY": "PASSIVE",
+                                                                         "HF_HUB_OFFLINE": "1"}
+    args = ["data.task=agnews", f"data.root={data_dir}", "data.train_rows=[100,106]", "data.val_fraction=0.34",
+            "model.max_seq_length=512", "train.warmup_steps=0", "train.precision=fp32", f"train.storage_path={tmp_path / 'ray'}",
+            f"tracking.run_dir={tmp_path / 'runs'}", "train.cpus_per_worker=1.5", "ray.num_cpus=2", "ray.object_store_memory_mb=256",
+            "tune.objective=val_loss", "tune.lora_r=[4]", "tune.batch_size=[2]", "tune.asha_grace_period=2", "tune.cpus_per_trial=1.5",
+            "pipeline.num_samples=1", "pipeline.max_steps_per_trial=2", "pipeline.train_max_steps=2", "pipeline.eval_limit=2",
+            "pipeline.serve=false", "eval.max_new_tokens=4", "eval.batch_size=2", "eval.bootstrap_resamples=1000"]
+
+    def newsray(*extra: str, fail_at: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([str(Path(sys.executable).with_name("newsray")), "pipeline", *args, *extra], check=False, capture_output=True, text=True,
+                              env=env | ({FAIL_ENV: fail_at} if fail_at else {}), cwd=tmp_path, timeout=1200)
+
+    crashed = newsray(fail_at="compare")
+    assert crashed.returncode == 1 and "crashed as stage 'compare' started" in crashed.stderr, crashed.stdout[-2000:] + crashed.stderr[-2000:]
+    other = newsray("--resume", "eval.max_new_tokens=5")
+    assert other.returncode == 2 and "ran another config (eval.max_new_tokens='4' there, '5' now)" in other.stderr, other.stderr[-2000:]
+    resumed = newsray("--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    for name in ("tune", "train", "objective", "evaluate baseline", "evaluate tuned"):
+        assert f"{name}: done in pipeline run" in resumed.stdout, resumed.stdout[-3000:]
+    assert "6/8 compare" in resumed.stdout and "7/8 register" in resumed.stdout
+
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    exp = client.get_experiment_by_name("newsray-agnews")
+    (pipe,) = client.search_runs([exp.experiment_id], filter_string="tags.`newsray.stage` = 'pipeline'")  # the same run, reopened
+    assert pipe.info.status == "FINISHED"
+    nested = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{pipe.info.run_id}'")
+    assert sorted(r.data.tags["newsray.stage"] for r in nested) == ["compare", "evaluate", "evaluate", "train", "tune"]  # none twice
+    assert [str(v.version) for v in client.search_model_versions("name = 'newsray-agnews'")] == ["1"]
+    train_run = next(r for r in nested if r.data.tags["newsray.stage"] == "train")
+    assert client.get_model_version_by_alias("newsray-agnews", "champion").run_id == train_run.info.run_id
+
+    again = newsray("--resume")
+    assert again.returncode == 2 and f"({pipe.info.run_id}) finished" in again.stderr and "Traceback" not in again.stderr

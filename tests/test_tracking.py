@@ -65,3 +65,37 @@ def test_a_second_store_in_the_same_process_is_not_captured_by_the_first(cfg, tm
     assert tracking.tracking_uri(other) == f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
     tracking.setup(other)
     assert mlflow.get_tracking_uri() == tracking.tracking_uri(other)
+
+
+def test_concurrent_writers_to_one_sqlite_store_lose_nothing(cfg, tmp_path):
+    """What tune.max_concurrent_trials=2 on SQLite does to the store, for real: two trials' rank-0 workers logging every
+    step (newsray's worker logger) while two trial drivers open runs, tag and log params, all in separate processes."""
+    import subprocess
+    import sys
+
+    uri = tracking.tracking_uri(cfg)
+    tracking.setup(cfg)  # the store exists before the writers start, as the search's driver creates it
+    exp_id = mlflow.get_experiment_by_name(tracking.experiment_name(cfg)).experiment_id
+    steps = 150
+    worker = f"""
+import sys, mlflow
+from newsray.train.loop import _MlflowLogger
+client = mlflow.MlflowClient({uri!r})
+run = client.create_run({exp_id!r})
+log = _MlflowLogger({{"tracking_uri": {uri!r}, "run_id": run.info.run_id}}, 0)
+for step in range(1, {steps} + 1):
+    log.log({{"loss": 1.0 / step, "lr": 1e-3, "tokens_per_s": 100.0}}, step)
+    if sys.argv[1] == "driver" and step % 10 == 0:  # a trial driver's calls between the worker's
+        client.set_tag(run.info.run_id, f"tag{{step}}", "x")
+        client.log_param(run.info.run_id, f"p{{step}}", step)
+print(run.info.run_id)
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", worker, role], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for role in ("worker", "worker", "driver", "driver")]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "not logged" not in err, err[-2000:]
+    client = MlflowClient(uri)
+    for out, _ in outs:
+        run_id = out.strip().splitlines()[-1]
+        assert len(client.get_metric_history(run_id, "loss")) == steps  # every step of every writer is in the store

@@ -76,7 +76,9 @@ def test_hf_end_to_end_via_cli(ray_cluster, tmp_path, data_dir, embedded_model):
     assert losses[-1] < 0.5 * losses[0], losses  # the same batch every step: it must be learned
     assert all(b < a for a, b in itertools.pairwise(losses)), losses
     kept = sorted(p.name for p in adapter_dir.parent.glob("checkpoint_0*") if p.is_dir())
-    assert kept == ["checkpoint_000004", "checkpoint_000005"]  # every 2 steps + the end, last 2 kept
+    val = {h["step"]: h["val_loss"] for h in state["log_history"] if "val_loss" in h}
+    assert sorted(val) == [2, 4, 5]  # a checkpoint every 2 steps and at the end, each with its val_loss
+    assert kept == sorted(f"checkpoint_{s:06d}" for s in {*sorted(val, key=val.get)[:2], 5})  # the 2 best by val_loss + the latest
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     run = client.get_run(run_id)

@@ -389,7 +389,7 @@ def test_serve_two_replicas_on_two_nodes_one_node_killed_under_load(cluster, tmp
                 with urllib.request.urlopen(req, timeout=120) as r:
                     return r.status, None
             except urllib.error.HTTPError as e:
-                return e.code, e.headers.get("Retry-After")
+                return e.code, e.headers.get("Retry-After") if e.code == 503 else e.read()[:300].decode(errors="replace")
             except OSError as e:
                 return 0, type(e).__name__
 
@@ -423,7 +423,8 @@ def test_serve_two_replicas_on_two_nodes_one_node_killed_under_load(cluster, tmp
         after = [r for r in results if r[0] > t_kill]
         statuses = Counter(code for _, code, _ in results)
         FACTS["serve_node_kill"] = {"requests": len(results), "after_kill": len(after), "statuses": dict(statuses),
-                                    "retry_after": sorted({e for _, c, e in results if c == 503 and e})}
+                                    "retry_after": sorted({e for _, c, e in results if c == 503 and e}),
+                                    "other_answers": sorted({f"{c}: {e}" for _, c, e in results if c not in (200, 503)})[:5]}
         assert sum(1 for _, c, _ in after if c == 200) >= 1  # the other replica keeps answering
         assert statuses.get(500, 0) == 0, FACTS["serve_node_kill"]
     finally:

@@ -40,14 +40,18 @@ def _screen_of_a_terminal(cmd: list[str], env: dict[str, str], cwd: Path, timeou
 
 
 def test_pipeline_smoke_as_a_person_sees_it(tmp_path, data_dir, embedded_model):
-    """`newsray pipeline` in a real terminal: stage headers and bars, the result table and the answer as
-    JSON on the screen, no raw log record; Ray's, MLflow's and the libraries' output in the log file."""
+    """`newsray pipeline` in a real terminal: stage headers and bars, no raw log record; it crashes as serve
+    starts (NEWSRAY_PIPELINE_FAIL_AT), `--resume` with another config is refused, `--resume` runs only serve in
+    the same pipeline run: the result table and the answer as JSON on the screen; the logs in the log file;
+    resuming the finished run is refused."""
     import os
     import re
+    import subprocess
     import sys
 
     import mlflow
 
+    from newsray.pipeline import FAIL_ENV
     from newsray.tasks.agnews import LABELS
 
     port = free_port()
@@ -62,16 +66,15 @@ def test_pipeline_smoke_as_a_person_sees_it(tmp_path, data_dir, embedded_model):
             "tune.cpus_per_trial=1.5", "pipeline.num_samples=1", "pipeline.max_steps_per_trial=2", "pipeline.train_max_steps=2",
             "pipeline.eval_limit=2", "eval.max_new_tokens=8", "eval.batch_size=2", "eval.bootstrap_resamples=1000",
             f"serve.port={port}", "serve.max_new_tokens=8", "serve.cpus_per_replica=1"]
-    status, lines = _screen_of_a_terminal([str(Path(sys.executable).with_name("newsray")), "pipeline", *args], env, tmp_path, 1500)
+    cli = [str(Path(sys.executable).with_name("newsray")), "pipeline", *args]
+    status, lines = _screen_of_a_terminal(cli, env | {FAIL_ENV: "serve"}, tmp_path, 1500)
     screen = "\n".join(lines)
-    assert status == 0, screen[-4000:]
-    for stage in ("1/8 tune", "2/8 train", "3/8 objective", "4/8 evaluate baseline", "5/8 evaluate tuned", "6/8 compare", "7/8 register", "8/8 serve"):
+    assert status == 1 and "crashed as stage 'serve' started" in screen, screen[-4000:]
+    for stage in ("1/8 tune", "2/8 train", "3/8 objective", "4/8 evaluate baseline", "5/8 evaluate tuned", "6/8 compare", "7/8 register"):
         assert stage in screen, screen[-4000:]
     # the bars, finished: trials, training steps, generated rows
     assert re.search(r"tune .* 1/1 trials", screen) and re.search(r"train .* 2/2 steps", screen), screen[-4000:]
     assert len(re.findall(r"generate .* 2/2 rows", screen)) == 3, screen[-4000:]  # the objective on val, baseline and tuned on test
-    assert "newsray pipeline: done in" in screen and "models:/newsray-agnews/1" in screen
-    assert re.search(r'"label": "(' + "|".join(LABELS) + ')"', screen), screen[-2000:]  # the answer, as formatted JSON
     # no raw log record on the screen: Ray's worker-log prefixes, logging's levels, Tune's status table, MLflow's links
     raw = [line for line in lines if re.search(r"\((\w+) pid=\d+|\b(INFO|WARNING|DEBUG)\b|Trial status:|View run |Traceback", line)]
     assert not raw, raw[:10]
@@ -79,6 +82,18 @@ def test_pipeline_smoke_as_a_person_sees_it(tmp_path, data_dir, embedded_model):
     assert f"logs: {log}" in screen.replace("\n", "")
     text = log.read_text(errors="replace")
     assert "Trial status:" in text and "pid=" in text, text[-3000:]  # what the screen no longer shows went here
+
+    plain = {k: v for k, v in env.items() if k not in ("TERM", "COLUMNS", "LINES")}
+    other = subprocess.run([*cli, "--resume", "eval.max_new_tokens=9"], capture_output=True, text=True, env=plain, cwd=tmp_path,
+                           timeout=300, check=False)
+    assert other.returncode == 2 and "ran another config (eval.max_new_tokens='8' there, '9' now)" in other.stderr, other.stderr[-2000:]
+    status, lines = _screen_of_a_terminal([*cli, "--resume"], env, tmp_path, 900)
+    screen = "\n".join(lines)
+    assert status == 0, screen[-4000:]
+    for name in ("tune", "train", "objective", "evaluate baseline", "evaluate tuned", "compare", "register"):
+        assert f"{name}: done in pipeline run" in screen, screen[-4000:]  # recorded: not run again
+    assert "8/8 serve" in screen and "newsray pipeline: done in" in screen and "models:/newsray-agnews/1" in screen
+    assert re.search(r'"label": "(' + "|".join(LABELS) + ')"', screen), screen[-2000:]  # the answer, as formatted JSON
 
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri, registry_uri=uri)
@@ -92,7 +107,7 @@ def test_pipeline_smoke_as_a_person_sees_it(tmp_path, data_dir, embedded_model):
     assert result["objective"] == "accuracy" and 0.0 <= result["objective_value"] <= 1.0
     assert set(result["headline"]) == {"baseline", "tuned"} and "accuracy" in result["headline"]["tuned"]
     assert Path(result["report"]).is_file() and (Path(result["report"]).parent / "plots").is_dir()
-    assert set(result["stage_s"]) == {"tune", "train", "objective", "evaluate baseline", "evaluate tuned", "compare", "register", "serve"}
+    assert set(result["stage_s"]) == {"serve"}  # the resumed run ran only serve
 
     # Every stage's run is nested under the pipeline run; the trial's accuracy came from newsray.evaluate on the val split.
     nested = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{pipe.info.run_id}'")
@@ -110,6 +125,8 @@ def test_pipeline_smoke_as_a_person_sees_it(tmp_path, data_dir, embedded_model):
 
     with pytest.raises(OSError):  # Serve was stopped after its one request
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    again = subprocess.run([*cli, "--resume"], capture_output=True, text=True, env=plain, cwd=tmp_path, timeout=300, check=False)
+    assert again.returncode == 2 and f"({pipe.info.run_id}) finished" in again.stderr and "Traceback" not in again.stderr
 
 
 def test_the_pipeline_request_refused_silent_or_not_json_is_one_sentence(tmp_path):
@@ -166,53 +183,3 @@ def test_a_pipeline_failing_its_checks_leaves_no_run(tmp_path, data_dir, embedde
     assert r.returncode == 2 and "bitsandbytes GPU optimizer" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     exps = mlflow.MlflowClient(uri).search_experiments() if (tmp_path / "runs" / "mlflow.db").exists() else []
     assert not [run for e in exps for run in mlflow.MlflowClient(uri).search_runs([e.experiment_id])]  # no empty FAILED run
-
-
-def test_a_crashed_pipeline_resumes_after_its_last_finished_stage(tmp_path, data_dir, embedded_model):
-    """The pipeline crashes as `compare` starts; `--resume` with another config is refused in one sentence; `--resume`
-    runs only compare and register in the same pipeline run (tune, train and the evaluations are not repeated);
-    resuming the finished run is refused."""
-    import os
-    import subprocess
-    import sys
-
-    import mlflow
-
-    from newsray.pipeline import FAIL_ENV
-
-    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"MLFLOW_TRACKING_URI": uri, "OMP_WAIT_POLICY": "PASSIVE",
-                                                                         "HF_HUB_OFFLINE": "1"}
-    args = ["data.task=agnews", f"data.root={data_dir}", "data.train_rows=[100,106]", "data.val_fraction=0.34",
-            "model.max_seq_length=512", "train.warmup_steps=0", "train.precision=fp32", f"train.storage_path={tmp_path / 'ray'}",
-            f"tracking.run_dir={tmp_path / 'runs'}", "train.cpus_per_worker=1.5", "ray.num_cpus=2", "ray.object_store_memory_mb=256",
-            "tune.objective=val_loss", "tune.lora_r=[4]", "tune.batch_size=[2]", "tune.asha_grace_period=2", "tune.cpus_per_trial=1.5",
-            "pipeline.num_samples=1", "pipeline.max_steps_per_trial=2", "pipeline.train_max_steps=2", "pipeline.eval_limit=2",
-            "pipeline.serve=false", "eval.max_new_tokens=4", "eval.batch_size=2", "eval.bootstrap_resamples=1000"]
-
-    def newsray(*extra: str, fail_at: str | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([str(Path(sys.executable).with_name("newsray")), "pipeline", *args, *extra], check=False, capture_output=True, text=True,
-                              env=env | ({FAIL_ENV: fail_at} if fail_at else {}), cwd=tmp_path, timeout=1200)
-
-    crashed = newsray(fail_at="compare")
-    assert crashed.returncode == 1 and "crashed as stage 'compare' started" in crashed.stderr, crashed.stdout[-2000:] + crashed.stderr[-2000:]
-    other = newsray("--resume", "eval.max_new_tokens=5")
-    assert other.returncode == 2 and "ran another config (eval.max_new_tokens='4' there, '5' now)" in other.stderr, other.stderr[-2000:]
-    resumed = newsray("--resume")
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
-    for name in ("tune", "train", "objective", "evaluate baseline", "evaluate tuned"):
-        assert f"{name}: done in pipeline run" in resumed.stdout, resumed.stdout[-3000:]
-    assert "6/8 compare" in resumed.stdout and "7/8 register" in resumed.stdout
-
-    client = mlflow.MlflowClient(uri, registry_uri=uri)
-    exp = client.get_experiment_by_name("newsray-agnews")
-    (pipe,) = client.search_runs([exp.experiment_id], filter_string="tags.`newsray.stage` = 'pipeline'")  # the same run, reopened
-    assert pipe.info.status == "FINISHED"
-    nested = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{pipe.info.run_id}'")
-    assert sorted(r.data.tags["newsray.stage"] for r in nested) == ["compare", "evaluate", "evaluate", "train", "tune"]  # none twice
-    assert [str(v.version) for v in client.search_model_versions("name = 'newsray-agnews'")] == ["1"]
-    train_run = next(r for r in nested if r.data.tags["newsray.stage"] == "train")
-    assert client.get_model_version_by_alias("newsray-agnews", "champion").run_id == train_run.info.run_id
-
-    again = newsray("--resume")
-    assert again.returncode == 2 and f"({pipe.info.run_id}) finished" in again.stderr and "Traceback" not in again.stderr

@@ -298,8 +298,8 @@ class Ingress:
         except RayTaskError:
             raise  # the replica's own code failed (respond turns user errors into answers): a bug, a 500
         except Exception as e:  # noqa: BLE001 - the replica, its node or the channel to it went away mid-request
-            # ActorDiedError / ActorUnavailableError / ReplicaUnavailableError / DeploymentUnavailableError, and the
-            # others a dying node gives (a gRPC stream reset, a lost object, a crashed worker): retryable, never a 500
+            # ActorDiedError / ActorUnavailableError / ReplicaUnavailableError / DeploymentUnavailableError, and what
+            # else a dying node may give (a gRPC error, a lost object, a crashed worker): retryable, never a 500
             # (CI's node-kill run met 2 x 500 when only the actor errors were caught)
             log.warning("model replica unavailable: %s: %s", type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
             return _err(503, "replica_unavailable", "the model replica died or is restarting; retry shortly.")

@@ -228,7 +228,7 @@ def pipeline(cfg: Config) -> PipelineResult:
               tracking.start_run(cfg, run_name=f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", stage="pipeline", data_hashes=get_task(cfg).data_hashes()))
     with opened as run:
 
-        def stage(name: str, detail: str, fn: Any, cls: Any) -> Any:
+        def stage(name: str, detail: str, fn: Any, cls: Any, record: bool = True) -> Any:
             """Run one stage and record its result in the pipeline run, or take the result a resumed run recorded."""
             if name in records:
                 console.print(f"[dim]{STAGES.index(name) + 1}/{len(STAGES)} {name}: done in pipeline run {resumed}, not run again[/dim]")
@@ -237,7 +237,8 @@ def pipeline(cfg: Config) -> PipelineResult:
                 raise RuntimeError(f"{FAIL_ENV}: the pipeline crashed as stage {name!r} started")
             with _stage(console, times, name, detail):
                 result = fn()
-            mlflow.log_dict(_record_of(result), f"{RECORDS}/{name.replace(' ', '_')}.json")
+            if record:
+                mlflow.log_dict(_record_of(result), f"{RECORDS}/{name.replace(' ', '_')}.json")
             return result
 
         t = tcfg.tune
@@ -264,11 +265,9 @@ def pipeline(cfg: Config) -> PipelineResult:
                                      objective_basis(cfg, get_task(cfg).data_hashes()), source=f"newsray pipeline run {run.info.run_id}"),
                     Registration)
         endpoint, answer = None, None
-        if cfg.pipeline.serve:
-            if os.environ.get(FAIL_ENV) == "serve":
-                raise RuntimeError(f"{FAIL_ENV}: the pipeline crashed as stage 'serve' started")
-            with _stage(console, times, "serve", f"models:/{reg.name}@{CHAMPION} on Ray Serve, one real request"):
-                endpoint, answer = _serve_once(cfg, f"models:/{reg.name}@{CHAMPION}")  # not recorded: a resumed run serves again
+        if cfg.pipeline.serve:  # not recorded: a resumed run serves again
+            endpoint, answer = stage("serve", f"models:/{reg.name}@{CHAMPION} on Ray Serve, one real request",
+                                     lambda: _serve_once(cfg, f"models:/{reg.name}@{CHAMPION}"), None, record=False)
         keys = ("field_f1_overall", "json_validation_rate", "relevance_mae", "accuracy", "macro_f1")
         headline = {name: {k: float(v) for k, v in ev.aggregates.items() if k in keys} for name, ev in (("baseline", base_ev), ("tuned", tuned_ev))}
         mlflow.log_metrics({f"stage_s.{k.replace(' ', '_')}": v for k, v in times.items()} | {f"final_{objective}": value})

@@ -86,10 +86,15 @@ def init_ray(cfg: Config, extra_env: dict[str, str] | None = None, stage: str | 
         else:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        # In-process: the local raylet and every worker it starts inherit this process's environment,
+        # so the variables go there instead of into a runtime_env. A runtime_env, even of env_vars
+        # only, keeps Ray from using its prestarted workers: an actor took 2.2 s to start instead of
+        # 0.8 s (bench/ray_overhead.py, docs/BENCHMARKS.md), and a training run starts several.
+        os.environ.update(runtime_env["env_vars"])
         # address="local": a new in-process Ray even when a `ray start` cluster runs on this
         # machine (a bare ray.init() would attach to the newest one and refuse num_cpus).
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_memory_mb * 1024 * 1024,
-                 include_dashboard=cfg.ray.include_dashboard, runtime_env=runtime_env, log_to_driver=True)
+                 include_dashboard=cfg.ray.include_dashboard, log_to_driver=True)
     if stage:
         preflight_placement(cfg, stage)
     return ray

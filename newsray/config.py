@@ -180,6 +180,8 @@ class ServeConfig(_Section):
     max_replicas: int | None = Field(None, gt=0, description="Autoscale model replicas between num_replicas and this; None = a fixed num_replicas.")
     target_ongoing_requests: float = Field(8.0, gt=0, description="Autoscaling target of in-flight requests per model replica.")
     request_timeout_s: float = Field(300.0, gt=0, description="A request not answered within this many seconds (queueing included) gets 504 and its generation is cancelled.")
+    max_ongoing_requests: int | None = Field(None, gt=0, description="Requests in flight per model replica (decoding or waiting in its engine for a slot); None = max(32, 4 x max_batch_size).")
+    max_queued_requests: int | None = Field(None, gt=0, description="Requests waiting for a model replica once every replica has max_ongoing_requests; more get 503 overloaded at once (load shedding). None = no bound: they wait, up to request_timeout_s.")
 
     @model_validator(mode="after")
     def _serve_checks(self) -> "ServeConfig":

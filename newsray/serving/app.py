@@ -290,7 +290,8 @@ class Ingress:
         try:
             return await asyncio.wait_for(response, timeout=self.scfg.request_timeout_s)
         except BackPressureError:
-            return _err(503, "overloaded", "every model replica has its queue full (max_ongoing_requests); retry shortly.")
+            return _err(503, "overloaded", "every model replica is busy and the queue for them is full "
+                        "(serve.max_ongoing_requests, serve.max_queued_requests); retry shortly.")
         except TimeoutError:
             response.cancel()
             return _err(504, "timeout", f"no answer within {self.scfg.request_timeout_s:g} s (serve.request_timeout_s); "
@@ -331,7 +332,8 @@ def build_app(cfg: Config, model_ref: str) -> Any:
             "min_replicas": s.num_replicas, "max_replicas": s.max_replicas, "target_ongoing_requests": s.target_ongoing_requests}}
     model = ModelDeployment.options(
         **scaling, ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
-        max_ongoing_requests=max(32, 4 * s.max_batch_size), health_check_period_s=5, graceful_shutdown_timeout_s=30,
+        max_ongoing_requests=s.max_ongoing_requests or max(32, 4 * s.max_batch_size), max_queued_requests=s.max_queued_requests or -1,
+        health_check_period_s=5, graceful_shutdown_timeout_s=30,
     ).bind(cfg.model_dump(mode="json"), refs, default_id)
     return IngressDeployment.options(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024).bind(
         model, s.model_dump(mode="json"), default_id, list(refs))

@@ -136,20 +136,24 @@ def submit_failure(stage: str, address: str, e: BaseException) -> str:
     return f"submitting the {stage} job to {address} failed: {msg}"
 
 
+LOST_CONTACT_S = 60.0  # how long `submit` keeps asking a head that does not answer before it says so
+
+
 def _wait_for_end(client: Any, job_id: str, address: str) -> Any:
-    """The job's final status, polled (after the log stream ended or broke); one sentence if the head stays unreachable for a minute."""
+    """The job's final status, polled (after the log stream ended or broke); one sentence once the head has not answered for
+    LOST_CONTACT_S (a restarting head or a network blip in between is waited out)."""
     import time
 
     from ray.job_submission import JobStatus
 
-    failures = 0
+    lost_since: float | None = None
     while True:
         try:
             status = client.get_job_status(job_id)
-            failures = 0
+            lost_since = None
         except Exception as e:  # noqa: BLE001 - the head is unreachable for a moment, or gone
-            failures += 1
-            if failures >= 30:
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since >= LOST_CONTACT_S:
                 raise NewsrayError(f"lost contact with the Ray Jobs API at {address} ({type(e).__name__}); job {job_id} may still be "
                                    f"running: `ray job status {job_id} --address {address}` and `ray job logs {job_id} --address {address}`.") from None
             time.sleep(2)

@@ -102,3 +102,38 @@ def test_a_submission_without_the_right_token_is_one_sentence(head, tmp_path, da
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert match in " ".join(r.stderr.split()) and lines[-1].startswith("error: "), r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_the_head_lost_while_submit_follows_its_job_is_one_sentence(tmp_path, data_dir, monkeypatch):
+    """A head of its own, killed (SIGKILL: `ray start`, its raylet, GCS, dashboard and the job's driver) as the job's
+    first log line arrives: the log stream breaks, the job's status cannot be read, and once the head has not answered
+    for LOST_CONTACT_S `submit` ends with one sentence naming the job and the commands to look it up; no traceback, no
+    hang."""
+    import threading
+
+    import newsray.submit
+
+    monkeypatch.setattr(newsray.submit, "LOST_CONTACT_S", 6.0)  # 60 s for users; the path is the same
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with local_cluster(tmp_path / "cluster", workers=0, services=False, head_cpus=2) as c:
+        streamed: list[str] = []
+        killer: list[threading.Thread] = []
+
+        def log(text: str) -> None:
+            streamed.append(text)
+            if not killer and not text.startswith("submitted "):  # the stream is open: a line of the job's own output
+                killer.append(threading.Thread(target=c.kill, args=("head",)))
+                killer[0].start()
+
+        with pytest.raises(NewsrayError) as err:
+            submit("train", REPO / "configs" / "agnews-smollm2-135m-cpu.yaml",
+                   [f"data.root={data_dir}", f"tracking.run_dir={tmp_path / 'runs'}", "data.train_rows=[100,104]", "train.max_steps=50"],
+                   address=c.address, log=log)
+        assert killer, "".join(streamed)[-2000:]  # the head was killed while the job ran (it did not end first)
+        killer[0].join(timeout=60)
+        job_id = streamed[0].split()[3]  # "submitted train as <id> to <address>"
+        message = str(err.value)
+        assert message.startswith(f"lost contact with the Ray Jobs API at {c.address}"), message
+        assert f"job {job_id} may still be running: `ray job status {job_id} --address {c.address}`" in message, message

@@ -222,6 +222,7 @@ def pipeline(cfg: Config) -> PipelineResult:
     from newsray.train import TrainResult
     from newsray.tune import TuneResult
 
+    tracking.check_store(cfg)  # an MLflow server that does not answer: one sentence before any stage
     resumed, records = _resumable(cfg) if cfg.pipeline.resume else (None, {})  # before Ray starts
     init_ray(cfg, stage="pipeline")  # every stage's placement (and, on a cluster, its storage and MLflow) before the search
     opened = (tracking.resume_run(cfg, resumed) if resumed else

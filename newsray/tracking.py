@@ -10,8 +10,10 @@ from typing import Any, Iterator
 
 import newsray  # noqa: F401  (sets MLFLOW_DISABLE_TELEMETRY before mlflow is imported)
 from newsray.config import Config
+from newsray.errors import ConfigError
 
 MAX_PARAM_CHARS = 6000
+PROBE_S = 10.0  # how long a tracking server that does not answer is waited for (MLflow's own retries take ~5 min)
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -58,11 +60,44 @@ def use_store(uri: str) -> None:
             os.environ[key] = value
 
 
+def check_server(uri: str, source: str) -> None:
+    """An http(s) tracking URI must answer within PROBE_S, else one sentence (not MLflow's ~5 minutes of retries and then
+    its exception). Any HTTP answer counts (auth and TLS are MLflow's to judge); only refused, reset or silent fails."""
+    import time
+
+    import requests
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    deadline, why = time.monotonic() + PROBE_S, ""
+    while True:
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=min(3.0, PROBE_S))
+            return
+        except requests.exceptions.SSLError:
+            return
+        except requests.RequestException as e:
+            why = type(e).__name__
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"the MLflow tracking server at {uri} ({source}) does not answer ({why} for {PROBE_S:g} s): start it "
+                              "(e.g. `mlflow server --host 127.0.0.1 --port 5000`, or cluster/local.sh start), or point "
+                              "tracking.uri / $MLFLOW_TRACKING_URI at one that runs; unset both for the local SQLite store.")
+        time.sleep(1.0)
+
+
+def check_store(cfg: Config) -> str:
+    """The stage's tracking URI, its server (if it is one) answering: a stage calls this before Ray starts, so an
+    unreachable server costs seconds, not the stage's work."""
+    uri = tracking_uri(cfg)
+    check_server(uri, "$MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri")
+    return uri
+
+
 def setup(cfg: Config) -> str:
     """Point MLflow at the store and the task's experiment (created on first use); returns its id."""
     import mlflow
 
-    use_store(tracking_uri(cfg))
+    use_store(check_store(cfg))
     name = experiment_name(cfg)
     exp = mlflow.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp else mlflow.create_experiment(name, artifact_location=artifact_root(cfg))

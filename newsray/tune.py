@@ -173,7 +173,7 @@ def tune(cfg: Config, resume: bool = False, prepared: Any = None) -> TuneResult:
     name = state["name"]
     objective, mode = objective_of(base)
     data = prepared if prepared is not None and not resume else prepare(base)
-    base.tracking.uri = tracking.tracking_uri(base)  # absolute, for the trial actors
+    base.tracking.uri = tracking.check_store(base)  # absolute, for the trial actors; a server must answer before Ray starts
     init_ray(base)
     check_resources(base, ray.cluster_resources().get("CPU", 0.0), in_process=not (base.ray.address or os.environ.get("RAY_ADDRESS")))
     preflight_placement(base, "tune")

@@ -99,3 +99,39 @@ print(run.info.run_id)
     for out, _ in outs:
         run_id = out.strip().splitlines()[-1]
         assert len(client.get_metric_history(run_id, "loss")) == steps  # every step of every writer is in the store
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_sentence_in_seconds(cfg, tmp_path, monkeypatch):
+    """Refused (nothing on the port) and silent (a socket that accepts connections and never answers): one sentence
+    after PROBE_S, not MLflow's ~5 minutes of retries (measured with `newsray evaluate`: 4 min 42 s, then its
+    exception). Any HTTP answer counts as a server: a plain HTTP server's 404 passes the check."""
+    import http.server
+    import socket
+    import threading
+    import time
+
+    from newsray.errors import ConfigError
+
+    monkeypatch.setattr(tracking, "PROBE_S", 2.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the handshakes; nobody reads or answers
+    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # 501/404 to all
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
+    try:
+        for port, why in ((closed, "ConnectionError"), (silent.getsockname()[1], "ReadTimeout")):
+            uri = f"http://127.0.0.1:{port}"
+            t0 = time.monotonic()
+            with pytest.raises(ConfigError, match=rf"the MLflow tracking server at {uri} \(tracking.uri\) does not answer \({why} for 2 s\)"):
+                tracking.setup(cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})}))
+            assert time.monotonic() - t0 < 15
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed}")
+        with pytest.raises(ConfigError, match=r"\(\$MLFLOW_TRACKING_URI\) does not answer"):
+            tracking.setup(cfg)
+        tracking.check_server(f"http://127.0.0.1:{plain.server_address[1]}", "tracking.uri")  # answers: no error
+    finally:
+        plain.shutdown()
+        silent.close()

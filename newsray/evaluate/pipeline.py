@@ -351,6 +351,9 @@ def evaluate(cfg: Config, model_ref: str = "baseline", out_dir: Path | None = No
     if not examples:
         hint = "set data.val_fraction > 0" if split == "val" else "check data.test_file / data.test_rows"
         raise DataError(f"the {task.name} {split} split is empty; {hint}.")
+    from newsray import tracking
+
+    tracking.check_store(cfg)  # an MLflow server that does not answer: one sentence now, not after the generation
     spec = resolve_model_ref(model_ref, cfg)  # ModelError before any Ray work
     out = Path(out_dir).resolve() if out_dir else default_out_dir(cfg, model_ref)
     _read_generations(out / GENERATIONS_FILE, _generation_key(cfg, model_ref, spec))  # another evaluation's rows: refused before Ray starts

@@ -284,6 +284,7 @@ def train(cfg: Config) -> TrainResult:
     from newsray.train.data import total_steps
 
     cfg, data = preflight(cfg)
+    tracking.check_store(cfg)  # an MLflow server that does not answer: one sentence before any worker starts
     run_name = cfg.train.run_name or ""
     if getattr(get_backend(cfg.train.backend), "remote", False):
         return _train_remote(cfg, data, run_name)

@@ -30,6 +30,7 @@ from ray import serve
 from newsray.config import Config, DataConfig, ServeConfig, load_config
 from newsray.errors import ConfigError, GenerationError, ModelError, NewsrayError
 from newsray.serving import on_cluster
+from newsray.tasks import serve_task, task_type
 
 log = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica logs with request ids
 
@@ -201,10 +202,10 @@ class ModelServer:
         kind, budget = request["kind"], int(request["max_new_tokens"])
         if kind == "chat":
             messages = request["messages"]
-            constrained = bool(request.get("json_mode")) and loaded.task == "news"
+            constrained = bool(request.get("json_mode")) and task_type(loaded.task).json_stop
         else:
-            want = "news" if kind == "analyze" else "agnews"
-            if loaded.task != want:
+            want = serve_task(kind)
+            if task_type(loaded.task).serve_kind != kind:
                 return _err(422, "wrong_task", f"model {model_id!r} answers the {loaded.task} task: use {ENDPOINT[loaded.task]} "
                             f"or a model of the {want} task (GET /v1/models).")
             messages = [{"role": "user", "content": loaded.prompt(**request["fields"])}]

@@ -55,7 +55,7 @@ def _detect_task(path: Path, info: dict[str, Any], tags: dict[str, str]) -> str:
     task = info.get("task") or tags.get("newsray.task")
     if task is None:
         first = (_read_json(path / "predictions.json", "predictions.json") or [{}])[0]
-        task = "agnews" if isinstance(first, dict) and "gold" in first else "news"
+        task = next(name for name in TASKS if task_type(name).claims(first))
     if task not in TASKS:
         raise DataError(f"{path}: unknown task {task!r} in eval_info.json; expected {' or '.join(TASKS)}.")
     return task

@@ -66,6 +66,7 @@ class AgNewsTask(Task):
     suite = "labels"
     labels = LABELS
     serve_kind = "classify"
+    objectives = ("val_loss", "accuracy")
     metrics = (Metric("accuracy", "Accuracy", "pct", "high", "headline"), Metric("macro_f1", "Macro F1", "f3", "high", "headline"),
                Metric("unmatched", "Unmatched answers", "int", "low", "summary"))
 
@@ -149,6 +150,15 @@ class AgNewsTask(Task):
     @classmethod
     def reference_id(cls, ref: Any) -> Any:
         return ref.get("id")
+
+    @classmethod
+    def claims(cls, prediction: Any) -> bool:
+        return isinstance(prediction, dict) and "gold" in prediction
+
+    @classmethod
+    def serve_answer(cls, text: str) -> dict[str, Any] | None:
+        label = parse_label(text)
+        return {"label": label} if label else None
 
     @classmethod
     def same_reference(cls, a: Any, b: Any) -> bool:

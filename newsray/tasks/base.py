@@ -116,6 +116,8 @@ class Task(ABC):
     serve_kind: str
     #: the aggregates tables, plots, the CLI and the pipeline show, in table order
     metrics: tuple[Metric, ...] = ()
+    #: the tune.objective values it can be tuned on (directions: newsray.registry.MODES)
+    objectives: tuple[str, ...] = ("val_loss",)
 
     #: the published prompt/answer format is the same for training, evaluation and serving
     def __init__(self, cfg: DataConfig):
@@ -185,6 +187,17 @@ class Task(ABC):
     @abstractmethod
     def same_reference(cls, a: Any, b: Any) -> bool:
         """Whether two evaluations' reference records at one position are the same example."""
+
+    @classmethod
+    def serve_answer(cls, text: str) -> dict[str, Any] | None:
+        """The answer fields of a Serve response for a model output, or None when the output is invalid."""
+        answer, valid = cls.answer_of(cls.parse_output(text))
+        return answer if valid else None
+
+    @classmethod
+    @abstractmethod
+    def claims(cls, prediction: Any) -> bool:
+        """Whether a prediction record of an evaluation without eval_info.json is of this task (its shape)."""
 
     @abstractmethod
     def request_fields(self, ex: Example) -> dict[str, str]:

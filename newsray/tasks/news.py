@@ -264,6 +264,7 @@ class NewsTask(Task):
     json_stop = True
     serve_kind = "analyze"
     metrics = METRICS
+    objectives = ("val_loss", "f1")
 
     def files(self) -> dict[str, Path]:
         return {
@@ -351,6 +352,10 @@ class NewsTask(Task):
     @classmethod
     def reference_id(cls, ref: Any) -> Any:
         return ref.id if ref.id is not None else ref.example_id
+
+    @classmethod
+    def claims(cls, prediction: Any) -> bool:
+        return not (isinstance(prediction, dict) and "gold" in prediction)  # anything but a labelled record
 
     @classmethod
     def same_reference(cls, a: Any, b: Any) -> bool:

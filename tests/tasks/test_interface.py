@@ -85,6 +85,7 @@ def test_every_task_states_its_facts(name):
 def test_headline_metrics():
     assert task_type("news").metric_keys("headline") == ("json_validation_rate", "field_f1_overall", "relevance_mae")
     assert task_type("agnews").summary_keys() == ("accuracy", "macro_f1", "unmatched", "n", "examples_per_s")
+    assert (task_type("news").objectives, task_type("agnews").objectives) == (("val_loss", "f1"), ("val_loss", "accuracy"))
 
 
 def test_parse_and_answer_rules():
@@ -94,3 +95,6 @@ def test_parse_and_answer_rules():
     assert ok and ans == {"relevance_score": 7, "key_insights": [], "company_names": [], "summary": "s"}
     assert ag.answer_of(ag.parse_output("It is sports.")) == ("Sports", True)
     assert ag.answer_of(ag.parse_output("no idea")) == (None, False)
+    assert (ag.serve_answer("World news"), ag.serve_answer("?"), news.serve_answer("{")) == ({"label": "World"}, None, None)
+    assert [n for n in TASKS if task_type(n).claims({"id": 0, "gold": "World", "predicted": None})] == ["agnews"]
+    assert [n for n in TASKS if task_type(n).claims(invalid_prediction())] == ["news"]

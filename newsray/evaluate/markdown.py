@@ -9,6 +9,7 @@ from typing import Any
 
 from newsray.evaluate.stats import ALPHA
 from newsray.tasks import task_type
+from newsray.tasks.agnews import AgNewsTask
 from newsray.tasks.news import NewsTask
 
 # The news metric rows (aggregate key, label, format pct | f3 | f2 | int, better high | low | None): the task's own list
@@ -126,12 +127,8 @@ def news_inference(comparison: Mapping[str, Any], inference: Mapping[str, Any]) 
 def agnews_table(comparison: Mapping[str, Any]) -> str:
     """Accuracy, macro F1, unmatched, then per-class P/R/F1 for every model."""
     names, cls = comparison["models"], comparison["metrics"]
-    head = _table(["metric", *names], [
-        ["Accuracy", *[fmt(cls[n]["accuracy"], "pct") for n in names]],
-        ["Macro F1", *[fmt(cls[n]["macro_f1"]) for n in names]],
-        ["Unmatched answers", *[str(cls[n]["unmatched"]) for n in names]],
-        ["Examples", *[str(cls[n]["n"]) for n in names]],
-    ])
+    head = _table(["metric", *names], [*[[m.label, *[fmt(cls[n][m.key], m.fmt) for n in names]] for m in AgNewsTask.metrics],
+                                       ["Examples", *[str(cls[n]["n"]) for n in names]]])
     labels = cls[names[0]]["labels"]
     rows = [[c, *[f"{cls[n]['per_class'][c]['precision']:.2f} / {cls[n]['per_class'][c]['recall']:.2f} / "
                   f"{cls[n]['per_class'][c]['f1']:.2f}" for n in names], str(cls[names[0]]["per_class"][c]["support"])] for c in labels]

@@ -1,11 +1,12 @@
 """Structured decoding (eval.constrained) with llguidance: the task's grammar as a logits processor.
 
-The grammar is the task's (`Task.grammar`): news, the NewsAnswer JSON schema with bounded strings and lists
-(newsray.tasks.news.answer_json_schema); AG News, exactly one of the four label names, then end-of-turn. llguidance (the Rust grammar
-engine behind guidance, also used by vLLM, SGLang and llama.cpp) computes, per row and step, the
-bitmask of tokens that keep the output inside the grammar; this module applies it to the logits
-of the engine's greedy step (newsray.generation.engine), row by row: every row carries its own
-`RowGrammar`, so rows that join and leave the running batch keep their grammar state.
+The grammar is the task's (`Task.grammar`, newsray/tasks/): news, the NewsAnswer JSON schema with
+bounded strings and lists (newsray.tasks.news.answer_json_schema); AG News, exactly one of the four
+label names, then end-of-turn. llguidance (the Rust grammar engine behind guidance, also used by
+vLLM, SGLang and llama.cpp) computes, per row and step, the bitmask of tokens that keep the output
+inside the grammar; this module applies it to the logits of the engine's greedy step
+(newsray.generation.engine), row by row: every row carries its own `RowGrammar`, so rows that join
+and leave the running batch keep their grammar state.
 
 Termination within max_new_tokens is guaranteed by a budget reserve: once the tokens left for a row
 fall to `reserve` (the length of the shortest complete answer + 8), the row is steered to close

@@ -170,6 +170,7 @@ def check_same(sources: Sequence[EvalSource]) -> str:
 def write_news_eval_dir(out: Path, predictions: Path, references: Path, info: dict[str, Any] | None = None) -> Path:
     """Turn a news predictions file + references file (e.g. the published ones) into an evaluation directory."""
     from newsray.evaluate.metrics import aggregate_metrics, per_example_metrics
+    from newsray.tasks.news import NewsTask
 
     preds, refs = load_records(predictions), load_records(references)
     check_pairing(preds, refs, predictions, references)
@@ -179,7 +180,7 @@ def write_news_eval_dir(out: Path, predictions: Path, references: Path, info: di
         "references.json": json.loads(references.read_text(encoding="utf-8")),
         "per_example.json": per_example_metrics(preds, refs),
         "aggregates.json": aggregate_metrics(preds, refs),
-        "eval_info.json": {"task": "news", "model_ref": str(predictions), "n": len(preds), **(info or {})},
+        "eval_info.json": {"task": NewsTask.name, "model_ref": str(predictions), "n": len(preds), **(info or {})},
     }
     for name, data in files.items():
         tmp = out / f".{name}.tmp"

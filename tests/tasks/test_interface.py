@@ -82,6 +82,14 @@ def test_every_task_states_its_facts(name):
     assert (t.answer_schema() is None) == bool(t.labels)
 
 
+def test_config_knows_every_task():
+    from typing import get_args
+
+    from newsray.config import TaskName  # config sits below tasks/, so it spells the names once more
+
+    assert set(get_args(TaskName)) == set(TASKS)
+
+
 def test_headline_metrics():
     assert task_type("news").metric_keys("headline") == ("json_validation_rate", "field_f1_overall", "relevance_mae")
     assert task_type("agnews").summary_keys() == ("accuracy", "macro_f1", "unmatched", "n", "examples_per_s")

@@ -164,14 +164,6 @@ class _Writer:
         self.fs.move(tmp, f"{self.path}/{name}")  # a part is there whole or not at all
 
 
-def _answer(task: str, parsed: dict[str, Any]) -> tuple[Any, bool]:
-    """(the structured answer, valid?) from the parse rule's record."""
-    if task == "news":
-        valid = bool(parsed.get("is_valid_json"))
-        return ({k: v for k, v in parsed.items() if k != "is_valid_json"} if valid else None), valid
-    return parsed.get("predicted"), parsed.get("predicted") is not None
-
-
 def analyze(cfg: Config, input_uri: str, model_ref: str, out: str) -> AnalyzeResult:
     """Analyse every item of INPUT not yet in OUT with `model_ref`; see the module docstring."""
     from newsray.evaluate.pipeline import generation_dataset
@@ -218,7 +210,7 @@ def analyze(cfg: Config, input_uri: str, model_ref: str, out: str) -> AnalyzeRes
                     batch_format="pandas", batch_size=None):
                 out_rows = []
                 for rec in batch.to_dict("records"):
-                    answer, valid = _answer(task.name, json.loads(rec["parsed"]))
+                    answer, valid = task.answer_of(json.loads(rec["parsed"]))
                     error = rec.get("error") or None
                     if rec["finish_reason"] == "error" and not error:
                         error = "constrained decoding failed for this item"

@@ -194,12 +194,12 @@ def evaluate_cmd(config: Optional[Path] = ConfigOpt, overrides: Optional[list[st
                  out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: <tracking.run_dir>/eval/<time>-<task>-<model>[-constrained]).")) -> None:
     """Generate, parse and score the task's test set on Ray Data; write the files and one MLflow run (docs/EVALUATION.md)."""
     from newsray.evaluate.pipeline import evaluate
+    from newsray.tasks import task_type
 
-    res = evaluate(_load(config, overrides, "evaluate"), model, out_dir)
-    main_keys = ("json_validation_rate", "field_f1_overall", "field_f1_key_insights", "field_f1_company_names", "jaccard_overall",
-                 "exact_match_rate", "relevance_mae", "rouge1", "rougeL", "accuracy", "macro_f1", "unmatched", "n", "examples_per_s")
+    cfg = _load(config, overrides, "evaluate")
+    res = evaluate(cfg, model, out_dir)
     table = Table("metric", "value", title=f"evaluate {model}")
-    for k in main_keys:
+    for k in task_type(cfg.data.task).summary_keys():
         if k in res.aggregates:
             v = res.aggregates[k]
             table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))

@@ -93,12 +93,8 @@ def request_body(cfg: Config) -> tuple[str, dict[str, str]]:
     from newsray.serving.app import ENDPOINT
     from newsray.tasks import get_task
 
-    ex = get_task(cfg).load().test[0]
-    if cfg.data.task == "news":
-        body = {"title": str(ex.meta.get("article_title") or ex.id), "content": str(ex.meta.get("truncated_content") or ex.meta.get("original_content") or ex.user)}
-    else:
-        body = {"title": str(ex.meta.get("title") or ex.user)}
-    return ENDPOINT[cfg.data.task], body
+    task = get_task(cfg)
+    return ENDPOINT[task.name], task.request_fields(task.load().test[0])
 
 
 def ask(cfg: Config, url: str, timeout_s: float = 600) -> dict[str, Any]:
@@ -269,7 +265,7 @@ def pipeline(cfg: Config) -> PipelineResult:
         if cfg.pipeline.serve:  # not recorded: a resumed run serves again
             endpoint, answer = stage("serve", f"models:/{reg.name}@{CHAMPION} on Ray Serve, one real request",
                                      lambda: _serve_once(cfg, f"models:/{reg.name}@{CHAMPION}"), None, record=False)
-        keys = ("field_f1_overall", "json_validation_rate", "relevance_mae", "accuracy", "macro_f1")
+        keys = get_task(cfg).metric_keys("headline")
         headline = {name: {k: float(v) for k, v in ev.aggregates.items() if k in keys} for name, ev in (("baseline", base_ev), ("tuned", tuned_ev))}
         mlflow.log_metrics({f"stage_s.{k.replace(' ', '_')}": v for k, v in times.items()} | {f"final_{objective}": value})
         mlflow.set_tags({"newsray.pipeline.tune_run": best.mlflow_run_id, "newsray.pipeline.train_run": trained.mlflow_run_id,

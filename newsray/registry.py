@@ -41,7 +41,9 @@ def objective_basis(cfg: Config, data_hashes: dict[str, str]) -> str:
     import hashlib
     import json
 
-    rows = list(cfg.data.train_rows) if cfg.data.task == "agnews" else None
+    from newsray.tasks import get_task
+
+    rows = get_task(cfg).train_selection()
     digest = hashlib.sha256(json.dumps({"files": data_hashes, "train_rows": rows}, sort_keys=True).encode()).hexdigest()[:16]
     return f"{cfg.data.task}:val_fraction={cfg.data.val_fraction:g}:data={digest}"
 

@@ -26,7 +26,6 @@ from newsray.registry import MODES
 log = logging.getLogger(__name__)
 
 FAIL_ENV = "NEWSRAY_TEST_FAIL_TRIAL"  # test hook: "lora_r=8" makes the trials with that value raise
-OBJECTIVES = {"news": ("val_loss", "f1"), "agnews": ("val_loss", "accuracy")}
 EVAL_KEYS = {"f1": "field_f1_overall", "accuracy": "accuracy"}  # objective -> newsray.evaluate aggregate
 
 
@@ -36,9 +35,12 @@ EVAL_KEYS = {"f1": "field_f1_overall", "accuracy": "accuracy"}  # objective -> n
 
 def objective_of(cfg: Config) -> tuple[str, str]:
     """(objective, min|max); ConfigError if the task does not have it."""
+    from newsray.tasks import task_type
+
     obj, task = cfg.tune.objective, cfg.data.task
-    if obj not in OBJECTIVES[task]:
-        raise ConfigError(f"tune.objective={obj}: the {task} task has no {obj} objective; use one of {', '.join(OBJECTIVES[task])}.")
+    objectives = task_type(task).objectives
+    if obj not in objectives:
+        raise ConfigError(f"tune.objective={obj}: the {task} task has no {obj} objective; use one of {', '.join(objectives)}.")
     return obj, MODES[obj]
 
 

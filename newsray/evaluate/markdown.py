@@ -8,44 +8,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from newsray.evaluate.stats import ALPHA
+from newsray.tasks import task_type
+from newsray.tasks.agnews import AgNewsTask
+from newsray.tasks.news import NewsTask
 
-# (aggregate key, label, format, better): format pct | f3 | f2 | int; better high | low | None
-NEWS_ROWS: tuple[tuple[str, str, str, str | None], ...] = (
-    ("json_validation_rate", "JSON validity", "pct", "high"),
-    ("field_f1_overall", "F1 overall", "f3", "high"),
-    ("field_f1_key_insights", "F1 key insights", "f3", "high"),
-    ("field_f1_company_names", "F1 company names", "f3", "high"),
-    ("field_f1_precision_overall", "Precision (pooled)", "f3", "high"),
-    ("field_f1_recall_overall", "Recall (pooled)", "f3", "high"),
-    ("jaccard_key_insights", "Jaccard key insights", "f3", "high"),
-    ("jaccard_company_names", "Jaccard company names", "f3", "high"),
-    ("jaccard_overall", "Jaccard overall", "f3", "high"),
-    ("exact_match_rate", "Exact match", "pct", "high"),
-    ("relevance_mae", "Relevance MAE", "f3", "low"),
-    ("relevance_r2", "Relevance R²", "f3", "high"),
-    ("relevance_adjusted_r2", "Relevance adjusted R²", "f3", "high"),
-    ("rouge1", "ROUGE-1", "f3", "high"),
-    ("rouge2", "ROUGE-2", "f3", "high"),
-    ("rougeL", "ROUGE-L", "f3", "high"),
-    ("rougeLsum", "ROUGE-Lsum", "f3", "high"),
-    ("bertscore_precision", "BERTScore precision", "f3", "high"),
-    ("bertscore_recall", "BERTScore recall", "f3", "high"),
-    ("bertscore_f1", "BERTScore F1", "f3", "high"),
-    ("semantic_similarity", "Semantic similarity (BERTScore F1, both summaries non-empty)", "f3", "high"),
-    ("sponsored_ad_precision", "Sponsored-ad precision", "f3", "high"),
-    ("sponsored_ad_recall", "Sponsored-ad recall", "f3", "high"),
-    ("sponsored_ad_f1", "Sponsored-ad F1", "f3", "high"),
-    ("sponsored_ad_accuracy", "Sponsored-ad accuracy", "f3", "high"),
-    ("sponsored_ad_true_positives", "Sponsored-ad TP", "int", None),
-    ("sponsored_ad_false_positives", "Sponsored-ad FP", "int", None),
-    ("sponsored_ad_true_negatives", "Sponsored-ad TN", "int", None),
-    ("sponsored_ad_false_negatives", "Sponsored-ad FN", "int", None),
-    ("avg_length", "Length mean (chars)", "f2", None),
-    ("std_length", "Length SD (chars)", "f2", None),
-    ("min_length", "Length min", "int", None),
-    ("max_length", "Length max", "int", None),
-    ("output_consistency", "Consistency: CV = SD / mean length", "f3", "low"),
-)
+# The news metric rows (aggregate key, label, format pct | f3 | f2 | int, better high | low | None): the task's own list
+NEWS_ROWS: tuple[tuple[str, str, str, str | None], ...] = tuple((m.key, m.label, m.fmt, m.better) for m in NewsTask.metrics)
 LOWER_IS_BETTER = {"mae_relevance"}
 PLOT_TITLES: dict[str, str] = {
     "json_validity": "JSON validity",
@@ -159,12 +127,8 @@ def news_inference(comparison: Mapping[str, Any], inference: Mapping[str, Any]) 
 def agnews_table(comparison: Mapping[str, Any]) -> str:
     """Accuracy, macro F1, unmatched, then per-class P/R/F1 for every model."""
     names, cls = comparison["models"], comparison["metrics"]
-    head = _table(["metric", *names], [
-        ["Accuracy", *[fmt(cls[n]["accuracy"], "pct") for n in names]],
-        ["Macro F1", *[fmt(cls[n]["macro_f1"]) for n in names]],
-        ["Unmatched answers", *[str(cls[n]["unmatched"]) for n in names]],
-        ["Examples", *[str(cls[n]["n"]) for n in names]],
-    ])
+    head = _table(["metric", *names], [*[[m.label, *[fmt(cls[n][m.key], m.fmt) for n in names]] for m in AgNewsTask.metrics],
+                                       ["Examples", *[str(cls[n]["n"]) for n in names]]])
     labels = cls[names[0]]["labels"]
     rows = [[c, *[f"{cls[n]['per_class'][c]['precision']:.2f} / {cls[n]['per_class'][c]['recall']:.2f} / "
                   f"{cls[n]['per_class'][c]['f1']:.2f}" for n in names], str(cls[names[0]]["per_class"][c]["support"])] for c in labels]
@@ -208,7 +172,7 @@ def render(comparison: dict[str, Any], inference: Mapping[str, Any], plot_paths:
     """(comparison.md, report.md) for a news or AG News comparison."""
     names = comparison["models"]
     comparison["pair_names"] = {f"{a}_vs_{b}": (a, b) for i, a in enumerate(names) for b in names[i + 1:]}
-    news = comparison["task"] == "news"
+    news = task_type(comparison["task"]).suite == "fields"
     table = news_table(comparison) if news else agnews_table(comparison)
     cmd = "newsray compare " + " ".join(shlex.quote(s) for s in sources) + "".join(f" --name {shlex.quote(n)}" for n in names)
     cmd += f" --references {shlex.quote(str(references))}" if references else ""

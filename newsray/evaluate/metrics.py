@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from newsray.tasks.agnews import LABELS
+from newsray.tasks.news import SPONSORED_MARKER, invalid_prediction
 
 FIELDS: tuple[str, ...] = ("key_insights", "company_names")
 STAT_METRICS: tuple[str, ...] = (
@@ -22,7 +23,6 @@ STAT_METRICS: tuple[str, ...] = (
 )
 ROUGE_TYPES: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 AGNEWS_LABELS: tuple[str, ...] = LABELS  # the task module owns the label names
-SPONSORED_MARKER = "sponsored ad"
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,8 @@ class Record:
 
     @classmethod
     def invalid(cls, id: Any = None, example_id: Any = None) -> Record:
-        """The record an unparseable output becomes: relevance 0, empty fields, not valid."""
-        return cls(0.0, (), (), "", False, id, example_id)
+        """The record an unparseable output becomes (the task's invalid_prediction): relevance 0, empty fields, not valid."""
+        return cls._normalise(invalid_prediction(), id, example_id)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> Record:
@@ -49,14 +49,18 @@ class Record:
             return cls.invalid()
         if d.get("is_valid_json", True) is False:
             return cls.invalid(d.get("id"), d.get("example_id"))
+        return cls._normalise(d, d.get("id"), d.get("example_id"))
+
+    @classmethod
+    def _normalise(cls, d: Mapping[str, Any], id: Any, example_id: Any) -> Record:
         return cls(
             float(d["relevance_score"]),
             tuple(str(s) for s in d["key_insights"]),
             tuple(str(s) for s in d["company_names"]),
             str(d["summary"]),
-            True,
-            d.get("id"),
-            d.get("example_id"),
+            bool(d.get("is_valid_json", True)),
+            id,
+            example_id,
         )
 
 

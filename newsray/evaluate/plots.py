@@ -11,24 +11,14 @@ from typing import Any
 
 import numpy as np
 
+from newsray.tasks.news import NewsTask
+
 REFERENCE_COLOR = "#8c8c8c"
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
 DPI = 110
 
-# (aggregate key, column label, how to put it on a 0-1 "higher is better" colour scale)
-HEATMAP_METRICS: tuple[tuple[str, str, str], ...] = (
-    ("json_validation_rate", "JSON\nvalidity", "unit"),
-    ("field_f1_overall", "F1\noverall", "unit"),
-    ("field_f1_precision_overall", "Precision\n(pooled)", "unit"),
-    ("field_f1_recall_overall", "Recall\n(pooled)", "unit"),
-    ("jaccard_overall", "Jaccard\noverall", "unit"),
-    ("exact_match_rate", "Exact\nmatch", "unit"),
-    ("relevance_mae", "Relevance\nMAE", "mae"),
-    ("relevance_r2", "Relevance\nR²", "r2"),
-    ("rougeL", "ROUGE-L", "unit"),
-    ("bertscore_f1", "BERTScore\nF1", "unit"),
-    ("sponsored_ad_f1", "Sponsored-ad\nF1", "unit"),
-)
+# (aggregate key, column label, how to put it on a 0-1 "higher is better" colour scale): the news task's heatmap metrics
+HEATMAP_METRICS: tuple[tuple[str, str, str], ...] = tuple((m.key, *m.heatmap) for m in NewsTask.metrics if m.heatmap)
 MAE_SCALE = 10.0  # relevance runs 1-10 (0 for invalid output): the largest possible error
 
 

@@ -39,6 +39,7 @@ from newsray.evaluate.metrics import (
 )
 from newsray.evaluate.sources import EvalSource, check_same, load_source, unique_names
 from newsray.evaluate.stats import ALPHA, bootstrap_ci, pairwise_inference
+from newsray.tasks import task_type
 
 PLOTS_DIR = "plots"
 NOT_FROM_SOURCE = ("bertscore", "semantic_similarity")  # recomputed with this run's BERTScore setting
@@ -259,7 +260,7 @@ def compare(cfg: Config, sources: list[str], names: list[str] | None = None, out
                 mlflow.set_tags({"newsray.compare.models": ",".join(names), "newsray.compare.sources": json.dumps(sources),
                                  "newsray.compared_runs": ",".join(run_ids),
                                  **{f"newsray.compare.model.{i}": f"{n}={s}" for i, (n, s) in enumerate(zip(names, sources))}})
-                build = _news if task == "news" else _agnews
+                build = {"fields": _news, "labels": _agnews}[task_type(task).suite]
                 comparison, inference, paths = build(cfg, srcs, names, staging / PLOTS_DIR)
                 comparison = {
                     "task": task, "models": names, "n": len(srcs[0].references),

@@ -10,8 +10,8 @@ from typing import Any
 
 from newsray.errors import DataError
 from newsray.evaluate.metrics import Record, aggregate_metrics
+from newsray.tasks.news import REQUIRED_FIELDS
 
-REQUIRED_FIELDS: tuple[str, ...] = ("relevance_score", "key_insights", "company_names", "summary")
 ID_FIELDS: tuple[str, ...] = ("id", "example_id")
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from newsray.errors import DataError
 from newsray.evaluate.scoring import check_pairing, load_records
+from newsray.tasks import TASKS, task_type
 
 EVAL_ARTIFACT_DIR = "eval"
 _RUN_ID = re.compile(r"^[0-9a-zA-Z_-]{8,64}$")
@@ -36,9 +37,7 @@ class EvalSource:
 
     def reference_ids(self) -> list[Any]:
         """The id of each reference record (news: id, else example_id)."""
-        if self.task == "news":
-            return [r.id if r.id is not None else r.example_id for r in self.references]
-        return [r.get("id") for r in self.references]
+        return [task_type(self.task).reference_id(r) for r in self.references]
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -56,9 +55,9 @@ def _detect_task(path: Path, info: dict[str, Any], tags: dict[str, str]) -> str:
     task = info.get("task") or tags.get("newsray.task")
     if task is None:
         first = (_read_json(path / "predictions.json", "predictions.json") or [{}])[0]
-        task = "agnews" if isinstance(first, dict) and "gold" in first else "news"
-    if task not in ("news", "agnews"):
-        raise DataError(f"{path}: unknown task {task!r} in eval_info.json; expected news or agnews.")
+        task = next(name for name in TASKS if task_type(name).claims(first))
+    if task not in TASKS:
+        raise DataError(f"{path}: unknown task {task!r} in eval_info.json; expected {' or '.join(TASKS)}.")
     return task
 
 
@@ -84,7 +83,7 @@ def load_dir(path: Path, name: str, source: str, tags: dict[str, str] | None = N
     info = _read_json(info_path, "eval_info.json") if info_path.is_file() else {}
     task = _detect_task(path, info, tags or {})
     pred_path, ref_path = path / "predictions.json", path / "references.json"
-    if task == "news":
+    if task_type(task).suite == "fields":
         preds: list[Any] = load_records(pred_path)
         refs: list[Any] = load_records(ref_path)
         check_pairing(preds, refs, pred_path, ref_path)
@@ -154,7 +153,7 @@ def check_same(sources: Sequence[EvalSource]) -> str:
     """Raise DataError unless all sources share one task and the same references; returns the task."""
     first = sources[0]
     for other in sources[1:]:
-        if other.task != first.task:
+        if len({first.task, other.task}) > 1:
             raise DataError(f"{first.source} is a {first.task} evaluation but {other.source} is {other.task}; compare evaluations of one task.")
         a, b = first.reference_ids(), other.reference_ids()
         if len(a) != len(b):
@@ -163,8 +162,7 @@ def check_same(sources: Sequence[EvalSource]) -> str:
             if x != y:
                 raise DataError(f"{first.source} and {other.source} have different references: id {x!r} vs {y!r} at position {i}.")
         for i, (x, y) in enumerate(zip(first.references, other.references)):
-            same = x == y if first.task == "news" else x["gold"] == y["gold"]
-            if not same:
+            if not task_type(first.task).same_reference(x, y):
                 raise DataError(f"{first.source} and {other.source} have different reference contents at position {i} (id {a[i]!r}).")
     return first.task
 
@@ -172,6 +170,7 @@ def check_same(sources: Sequence[EvalSource]) -> str:
 def write_news_eval_dir(out: Path, predictions: Path, references: Path, info: dict[str, Any] | None = None) -> Path:
     """Turn a news predictions file + references file (e.g. the published ones) into an evaluation directory."""
     from newsray.evaluate.metrics import aggregate_metrics, per_example_metrics
+    from newsray.tasks.news import NewsTask
 
     preds, refs = load_records(predictions), load_records(references)
     check_pairing(preds, refs, predictions, references)
@@ -181,7 +180,7 @@ def write_news_eval_dir(out: Path, predictions: Path, references: Path, info: di
         "references.json": json.loads(references.read_text(encoding="utf-8")),
         "per_example.json": per_example_metrics(preds, refs),
         "aggregates.json": aggregate_metrics(preds, refs),
-        "eval_info.json": {"task": "news", "model_ref": str(predictions), "n": len(preds), **(info or {})},
+        "eval_info.json": {"task": NewsTask.name, "model_ref": str(predictions), "n": len(preds), **(info or {})},
     }
     for name, data in files.items():
         tmp = out / f".{name}.tmp"

@@ -24,6 +24,7 @@ from newsray.config import Config
 from newsray.errors import ModelError
 from newsray.generation.engine import Engine, FinishReason, Request
 from newsray.generation.refs import ModelSpec, resolve_model_ref
+from newsray.tasks import task_type
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Generator:
             log.warning("prompt (%d tokens) + max_new_tokens (%d) exceed model.max_seq_length (%d)",
                         len(prompt), max_new_tokens, self.formatter.max_seq_length)
         grammar = self.constraint().row(max_new_tokens) if constrained else None
-        return Request(prompt, max_new_tokens, grammar=grammar, json_stop=self.task == "news")
+        return Request(prompt, max_new_tokens, grammar=grammar, json_stop=task_type(self.task).json_stop)
 
     def result(self, req: Request) -> GenerationResult:
         toks = req.tokens if req.reason != "stop" else req.tokens[:-1]

@@ -1,11 +1,12 @@
 """Structured decoding (eval.constrained) with llguidance: the task's grammar as a logits processor.
 
-News: the NewsAnswer JSON schema with bounded strings and lists (newsray.tasks.news.answer_json_schema).
-AG News: exactly one of the four label names, then end-of-turn. llguidance (the Rust grammar
-engine behind guidance, also used by vLLM, SGLang and llama.cpp) computes, per row and step, the
-bitmask of tokens that keep the output inside the grammar; this module applies it to the logits
-of the engine's greedy step (newsray.generation.engine), row by row: every row carries its own
-`RowGrammar`, so rows that join and leave the running batch keep their grammar state.
+The grammar is the task's (`Task.grammar`, newsray/tasks/): news, the NewsAnswer JSON schema with
+bounded strings and lists (newsray.tasks.news.answer_json_schema); AG News, exactly one of the four
+label names, then end-of-turn. llguidance (the Rust grammar engine behind guidance, also used by
+vLLM, SGLang and llama.cpp) computes, per row and step, the bitmask of tokens that keep the output
+inside the grammar; this module applies it to the logits of the engine's greedy step
+(newsray.generation.engine), row by row: every row carries its own `RowGrammar`, so rows that join
+and leave the running batch keep their grammar state.
 
 Termination within max_new_tokens is guaranteed by a budget reserve: once the tokens left for a row
 fall to `reserve` (the length of the shortest complete answer + 8), the row is steered to close
@@ -16,34 +17,13 @@ so the object is complete before the budget ends (for max_new_tokens >= reserve)
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 
 from newsray.errors import GenerationError
 from newsray.generation.stop import JsonScanner
-
-
-def news_grammar() -> tuple[str, int]:
-    """(llguidance grammar, budget reserve in tokens) of the news answer schema."""
-    from llguidance import LLMatcher
-
-    from newsray.tasks.news import answer_json_schema
-
-    shortest = json.dumps({"relevance_score": 10, "summary": "", "key_insights": [], "company_names": []}, separators=(",", ":"))
-    return LLMatcher.grammar_from_json_schema(answer_json_schema()), len(shortest) + 8
-
-
-def agnews_grammar() -> tuple[str, int]:
-    """(llguidance grammar, reserve) accepting exactly one AG News label name."""
-    import re
-
-    from llguidance import LLMatcher
-
-    from newsray.tasks.agnews import LABELS
-
-    return LLMatcher.grammar_from_regex("(" + "|".join(re.escape(label) for label in LABELS) + ")"), 0
+from newsray.tasks import task_type
 
 
 class TaskConstraint:
@@ -54,7 +34,7 @@ class TaskConstraint:
         import llguidance.hf
         from llguidance import LLMatcher
 
-        self.grammar, self.reserve = news_grammar() if task == "news" else agnews_grammar()
+        self.grammar, self.reserve = task_type(task).grammar()
         try:  # llguidance reads the tokenizer's byte decoding; a tokenizer it cannot map fails here
             self.ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, eos_token=list(stop_ids))
             problem = LLMatcher.validate_grammar(self.grammar, self.ll_tokenizer)

@@ -43,6 +43,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from newsray.errors import ConfigError
+from newsray.tasks import task_type
 
 if TYPE_CHECKING:
     from newsray.config import Config
@@ -119,17 +120,15 @@ def budget_regex(max_new_tokens: int) -> str:
 
 
 def structured_outputs(task: str, max_new_tokens: int, strict: bool = False) -> dict[str, Any]:
-    """vLLM StructuredOutputsParams fields for `task`: labels as a choice; news as schema, or (strict) budget_regex."""
-    if task == "agnews":
-        from newsray.tasks.agnews import LABELS
-
-        if max_new_tokens <= max(len(label) for label in LABELS):
-            raise ConfigError(f"eval.max_new_tokens={max_new_tokens} is too small for a constrained AG News label: use at least 9.")
-        return {"choice": list(LABELS)}
-    from newsray.tasks.news import answer_json_schema
-
+    """vLLM StructuredOutputsParams fields for `task`: labels as a choice; a JSON answer as schema, or (strict) budget_regex."""
+    t = task_type(task)
+    if t.labels:
+        longest = max(len(label) for label in t.labels)
+        if max_new_tokens <= longest:
+            raise ConfigError(f"eval.max_new_tokens={max_new_tokens} is too small for a constrained {t.title} label: use at least {longest + 1}.")
+        return {"choice": list(t.labels)}
     # A JSON string, not a dict: Ray Data stores rows as Arrow, which would turn the schema's nested dicts into structs.
-    return {"regex": budget_regex(max_new_tokens)} if strict else {"json": json.dumps(answer_json_schema())}
+    return {"regex": budget_regex(max_new_tokens)} if strict else {"json": json.dumps(t.answer_schema())}
 
 
 def _lora_rank(cfg: Config) -> int:
@@ -247,7 +246,7 @@ def evaluate_rows(cfg: Config, spec: ModelSpec, items: list[dict[str, Any]], lor
 
     tokens = run(sorted(prompts), strict=False)
     short = [r for r, t in tokens.items() if finish_reason(t, stop, budget) == "length"]
-    if cfg.eval.constrained and cfg.data.task == "news" and short:
+    if cfg.eval.constrained and task_type(cfg.data.task).json_stop and short:
         tokens.update(run(short, strict=True))  # the budget-bounded grammar: these close within the budget
     if set(tokens) != set(prompts):
         raise RuntimeError(f"vLLM evaluation returned {len(tokens)} of {len(prompts)} rows: rows were lost")

@@ -30,13 +30,14 @@ from ray import serve
 from newsray.config import Config, DataConfig, ServeConfig, load_config
 from newsray.errors import ConfigError, GenerationError, ModelError, NewsrayError
 from newsray.serving import on_cluster
+from newsray.tasks import TASKS, serve_task, task_type
 
 log = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica logs with request ids
 
 APP_NAME = "newsray"
 MODEL_DEPLOYMENT = "NewsrayModel"
 INGRESS_DEPLOYMENT = "NewsrayIngress"
-ENDPOINT = {"news": "/v1/analyze", "agnews": "/v1/classify"}
+ENDPOINT = {name: f"/v1/{task_type(name).serve_kind}" for name in TASKS}
 _FINISH = {"stop": "stop", "json_end": "stop", "length": "length", "error": "stop"}
 
 
@@ -201,10 +202,10 @@ class ModelServer:
         kind, budget = request["kind"], int(request["max_new_tokens"])
         if kind == "chat":
             messages = request["messages"]
-            constrained = bool(request.get("json_mode")) and loaded.task == "news"
+            constrained = bool(request.get("json_mode")) and task_type(loaded.task).json_stop
         else:
-            want = "news" if kind == "analyze" else "agnews"
-            if loaded.task != want:
+            want = serve_task(kind)
+            if task_type(loaded.task).serve_kind != kind:
                 return _err(422, "wrong_task", f"model {model_id!r} answers the {loaded.task} task: use {ENDPOINT[loaded.task]} "
                             f"or a model of the {want} task (GET /v1/models).")
             messages = [{"role": "user", "content": loaded.prompt(**request["fields"])}]
@@ -244,15 +245,7 @@ class ModelServer:
 
 def _validate(kind: str, text: str) -> dict[str, Any] | None:
     """The task's parse rule: a NewsAnswer dict, {"label": ...}, or None when invalid."""
-    if kind == "analyze":
-        from newsray.tasks.news import parse_prediction
-
-        rec = parse_prediction(text)
-        return {k: v for k, v in rec.items() if k != "is_valid_json"} if rec["is_valid_json"] else None
-    from newsray.tasks.agnews import parse_label
-
-    label = parse_label(text)
-    return {"label": label} if label else None
+    return task_type(serve_task(kind)).serve_answer(text)
 
 
 def _apply_stops(text: str, stops: list[str], reason: str) -> tuple[str, str]:

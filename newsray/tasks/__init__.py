@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import importlib
+
 from newsray.config import Config
 from newsray.errors import ConfigError
-from newsray.tasks.base import Example, Splits, Task
+from newsray.tasks.base import Example, Metric, Splits, Task
+
+#: every task by name: its module and class (imported when first asked for)
+TASKS: dict[str, tuple[str, str]] = {"news": ("newsray.tasks.news", "NewsTask"), "agnews": ("newsray.tasks.agnews", "AgNewsTask")}
+
+
+def task_type(name: str) -> type[Task]:
+    """The Task class named `name` (its data-free facts: parse rule, grammar, metrics, Serve kind)."""
+    if name not in TASKS:
+        raise ConfigError(f"data.task: unknown task {name!r} (known: {', '.join(TASKS)}).")
+    module, cls = TASKS[name]
+    return getattr(importlib.import_module(module), cls)
 
 
 def get_task(cfg: Config) -> Task:
     """The task object named by `cfg.data.task`."""
-    name = cfg.data.task
-    if name == "news":
-        from newsray.tasks.news import NewsTask
+    return task_type(cfg.data.task)(cfg.data)
 
-        return NewsTask(cfg.data)
-    if name == "agnews":
-        from newsray.tasks.agnews import AgNewsTask
 
-        return AgNewsTask(cfg.data)
-    raise ConfigError(f"data.task: unknown task {name!r} (known: news, agnews).")
+def serve_task(kind: str) -> str:
+    """The name of the task that the Serve endpoint kind `kind` (analyze, classify) answers."""
+    return next(name for name in TASKS if task_type(name).serve_kind == kind)
 
 
 def data_report(cfg: Config, track: bool = False) -> dict:
@@ -37,4 +46,4 @@ def data_report(cfg: Config, track: bool = False) -> dict:
     return stats
 
 
-__all__ = ["Example", "Splits", "Task", "data_report", "get_task"]
+__all__ = ["TASKS", "Example", "Metric", "Splits", "Task", "data_report", "get_task", "serve_task", "task_type"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from newsray.errors import DataError
-from newsray.tasks.base import Example, Splits, Task, find_file
+from newsray.tasks.base import Example, Metric, Splits, Task, find_file
 
 CSV_FILE = "agnews/test.csv"
 LABELS = ("World", "Sports", "Business", "Sci/Tech")
@@ -61,7 +61,14 @@ class AgNewsTask(Task):
     """AG News (World, Sports, Business, Sci/Tech) from the official CSV."""
 
     name = "agnews"
+    title = "AG News"
     input_fields = ("title", "description")  # the AG News CSV's columns (Serve's /v1/classify sends title + content)
+    suite = "labels"
+    labels = LABELS
+    serve_kind = "classify"
+    objectives = ("val_loss", "accuracy")
+    metrics = (Metric("accuracy", "Accuracy", "pct", "high", "headline"), Metric("macro_f1", "Macro F1", "f3", "high", "headline"),
+               Metric("unmatched", "Unmatched answers", "int", "low", "summary"))
 
     def files(self) -> dict[str, Path]:
         # One CSV serves both splits (the published train split is not available here).
@@ -102,3 +109,57 @@ class AgNewsTask(Task):
         body = fields.get("content") or fields.get("description") or ""
         text = fields.get("text") or f"{fields.get('title', '')} {body}".strip()
         return PROMPT_TEMPLATE.format(text=text)
+
+    def request_fields(self, ex: Example) -> dict[str, str]:
+        return {"title": str(ex.meta.get("title") or ex.user)}
+
+    def train_selection(self) -> list[int] | None:
+        return list(self.cfg.train_rows)  # one CSV holds both splits: the rows are the training set
+
+    @classmethod
+    def parse_output(cls, text: str) -> dict[str, Any]:
+        return {"predicted": parse_label(text)}
+
+    @classmethod
+    def answer_of(cls, parsed: dict[str, Any]) -> tuple[Any, bool]:
+        return parsed.get("predicted"), parsed.get("predicted") is not None
+
+    @classmethod
+    def answer_schema(cls) -> None:
+        return None
+
+    @classmethod
+    def grammar(cls) -> tuple[str, int]:
+        """Exactly one label name (no reserve: a label needs no closing)."""
+        from llguidance import LLMatcher
+
+        return LLMatcher.grammar_from_regex("(" + "|".join(re.escape(label) for label in LABELS) + ")"), 0
+
+    @classmethod
+    def score(cls, examples: list[Example], rows: list[dict[str, Any]]) -> tuple[list, list, dict, dict]:
+        import json
+
+        from newsray.evaluate.metrics import classification_metrics
+
+        preds = [{"id": i, "gold": ex.answer, "predicted": json.loads(row["parsed"])["predicted"], "output": row["output"]}
+                 for i, (ex, row) in enumerate(zip(examples, rows))]
+        refs = [{"id": i, "gold": ex.answer} for i, ex in enumerate(examples)]
+        per = {"correct": [float(p["predicted"] == p["gold"]) for p in preds]}
+        return preds, refs, per, classification_metrics([p["gold"] for p in preds], [p["predicted"] for p in preds])
+
+    @classmethod
+    def reference_id(cls, ref: Any) -> Any:
+        return ref.get("id")
+
+    @classmethod
+    def claims(cls, prediction: Any) -> bool:
+        return isinstance(prediction, dict) and "gold" in prediction
+
+    @classmethod
+    def serve_answer(cls, text: str) -> dict[str, Any] | None:
+        label = parse_label(text)
+        return {"label": label} if label else None
+
+    @classmethod
+    def same_reference(cls, a: Any, b: Any) -> bool:
+        return bool(a["gold"] == b["gold"])

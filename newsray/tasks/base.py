@@ -34,6 +34,18 @@ class Example:
         return [{"role": "user", "content": self.user}]
 
 
+@dataclass(frozen=True)
+class Metric:
+    """One aggregate a task reports: how tables, plots, the CLI and the pipeline show it."""
+
+    key: str  # the aggregates.json key
+    label: str  # its row label in comparison tables
+    fmt: str  # pct | f3 | f2 | int
+    better: str | None  # high | low | None (no direction)
+    level: str = "table"  # headline (pipeline summary, CLI, tables) | summary (CLI, tables) | table (tables only)
+    heatmap: tuple[str, str] | None = None  # (column label, colour scale unit | mae | r2) of the summary heatmap
+
+
 @dataclass
 class Splits:
     """Train / validation / test examples of one task."""
@@ -83,11 +95,30 @@ def sha256_file(path: Path) -> str:
 
 
 class Task(ABC):
-    """A task: its files, its examples, and how to read a model's answer."""
+    """A task: its files, its examples, how to read and score a model's answer, and how it is shown and served.
+
+    The facts that need no data config are class attributes or classmethods, so callers that hold only the
+    task's name (a loaded model, an evaluation directory) reach them through `newsray.tasks.task_type(name)`.
+    """
 
     name: str
+    #: the task's name in sentences ("news", "AG News")
+    title: str
     #: the fields a new item must carry (`newsray analyze` reads them; make_user_prompt takes them)
     input_fields: tuple[str, ...] = ()
+    #: the metric suite of evaluate/ that scores and compares its answers: fields (a JSON record) | labels (a class name)
+    suite: str
+    #: a generation stops at the end of its first closed top-level JSON object (the answer is one)
+    json_stop: bool = False
+    #: the closed set of answers of a classification task (constrained decoding picks one of them), else ()
+    labels: tuple[str, ...] = ()
+    #: the Serve endpoint kind that answers it (POST /v1/<serve_kind>)
+    serve_kind: str
+    #: the aggregates tables, plots, the CLI and the pipeline show, in table order
+    metrics: tuple[Metric, ...] = ()
+    #: the tune.objective values it can be tuned on (directions: newsray.registry.MODES)
+    objectives: tuple[str, ...] = ("val_loss",)
+
     #: the published prompt/answer format is the same for training, evaluation and serving
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
@@ -111,6 +142,70 @@ class Task(ABC):
     @abstractmethod
     def make_user_prompt(self, **fields: str) -> str:
         """The user turn for new input (serving), formatted exactly like the training data."""
+
+    @classmethod
+    def metric_keys(cls, *levels: str) -> tuple[str, ...]:
+        """The keys of `metrics` at the given levels (all when none given), in table order."""
+        return tuple(m.key for m in cls.metrics if not levels or m.level in levels)
+
+    @classmethod
+    def summary_keys(cls) -> tuple[str, ...]:
+        """What `newsray evaluate` prints: the headline and summary metrics, then the row count and throughput."""
+        return cls.metric_keys("headline", "summary") + ("n", "examples_per_s")
+
+    @classmethod
+    @abstractmethod
+    def parse_output(cls, text: str) -> dict[str, Any]:
+        """The parse rule: one model continuation -> the prediction record evaluate writes."""
+
+    @classmethod
+    @abstractmethod
+    def answer_of(cls, parsed: dict[str, Any]) -> tuple[Any, bool]:
+        """(the structured answer, valid?) of a parse_output record (what `newsray analyze` writes)."""
+
+    @classmethod
+    @abstractmethod
+    def answer_schema(cls) -> dict[str, Any] | None:
+        """The JSON Schema constrained decoding holds a JSON answer to (None for a label task)."""
+
+    @classmethod
+    @abstractmethod
+    def grammar(cls) -> tuple[str, int]:
+        """(llguidance grammar, budget reserve in tokens) of the answer, for eval.constrained / serve.constrained."""
+
+    @classmethod
+    @abstractmethod
+    def score(cls, examples: list[Example], rows: list[dict[str, Any]]) -> tuple[list, list, dict, dict]:
+        """(prediction records, reference records, per-example metrics, aggregates) of parsed generation rows."""
+
+    @classmethod
+    @abstractmethod
+    def reference_id(cls, ref: Any) -> Any:
+        """The id of one reference record of an evaluation directory (as evaluate/sources.py loads it)."""
+
+    @classmethod
+    @abstractmethod
+    def same_reference(cls, a: Any, b: Any) -> bool:
+        """Whether two evaluations' reference records at one position are the same example."""
+
+    @classmethod
+    def serve_answer(cls, text: str) -> dict[str, Any] | None:
+        """The answer fields of a Serve response for a model output, or None when the output is invalid."""
+        answer, valid = cls.answer_of(cls.parse_output(text))
+        return answer if valid else None
+
+    @classmethod
+    @abstractmethod
+    def claims(cls, prediction: Any) -> bool:
+        """Whether a prediction record of an evaluation without eval_info.json is of this task (its shape)."""
+
+    @abstractmethod
+    def request_fields(self, ex: Example) -> dict[str, str]:
+        """The JSON body of a Serve request (POST /v1/<serve_kind>) for a test example."""
+
+    def train_selection(self) -> list[int] | None:
+        """Which rows of the training file training reads (part of an objective's basis), or None for all of them."""
+        return None
 
     def data_hashes(self) -> dict[str, str]:
         """sha256 of each data file, by role."""

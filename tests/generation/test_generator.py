@@ -158,10 +158,10 @@ def test_batched_equals_unbatched(news_gen, data_dir):
 def test_rows_leave_the_batch_without_changing_the_others(news_gen, data_dir):
     """Rows that finish early (constrained: at different steps) leave the batch and the KV cache;
     every row's text is still what it is alone."""
-    from newsray.generation.grammar import news_grammar
+    from newsray.tasks import task_type
 
     msgs = [e.messages() for e in _examples("news", data_dir, 4)]
-    budget = news_grammar()[1] + 24
+    budget = task_type("news").grammar()[1] + 24
     batched = news_gen.generate(msgs, budget, constrained=True)
     single = [news_gen.generate([m], budget, constrained=True)[0] for m in msgs]
     assert len({r.n_new_tokens for r in batched}) > 1  # rows really left at different steps
@@ -170,10 +170,10 @@ def test_rows_leave_the_batch_without_changing_the_others(news_gen, data_dir):
 
 def test_constrained_news_is_always_valid(news_gen, data_dir):
     """The untrained model, constrained, gives schema-valid JSON every time, within budget."""
-    from newsray.generation.grammar import news_grammar
+    from newsray.tasks import task_type
 
     exs = _examples("news", data_dir, 4)
-    budget = news_grammar()[1] + 16  # close to the smallest budget the reserve guarantees
+    budget = task_type("news").grammar()[1] + 16  # close to the smallest budget the reserve guarantees
     results = news_gen.generate([e.messages() for e in exs], budget, constrained=True)
     for r in results:
         rec = parse_prediction(r.text)

@@ -139,6 +139,12 @@ class Engine:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run (for benchmarks and tests)
+        import torch
+
+        # torch.set_num_threads sets OpenMP's thread count of the calling thread only: the engine's own thread
+        # would run every op with one OpenMP thread per core whatever the replica or actor was given (two
+        # replicas on two cores: four threads). It takes the count of the thread that built the engine.
+        self.threads = torch.get_num_threads()
 
     # ------------------------------------------------------------------ public API
 
@@ -176,6 +182,9 @@ class Engine:
     # ------------------------------------------------------------------ the loop
 
     def _loop(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.threads)
         while True:
             with self._cv:
                 while not self._queue and not any(self.rows):

@@ -93,6 +93,31 @@ def test_slots_grow_live_and_cancelled_requests_leave(gen, prompts, alone):
     gen.engine.set_slots(2)
 
 
+def test_the_engine_thread_decodes_with_the_threads_it_was_given(embedded_model, data_dir, prompts):
+    """torch.set_num_threads holds for the calling thread only; the engine decodes in a thread of its own, which sets
+    the count again. Before, an actor or replica given 1 CPU decoded with one OpenMP thread per core (measured: 2)."""
+    from contextlib import contextmanager
+
+    from threadpoolctl import threadpool_info  # OpenMP's thread count as the calling thread sees it
+
+    seen: list[int | None] = []
+
+    @contextmanager
+    def record():  # the engine runs each step inside its context, in its own thread
+        seen.append(next((i["num_threads"] for i in threadpool_info() if i["user_api"] == "openmp"), None))
+        yield
+
+    before = torch.get_num_threads()
+    try:
+        cfg = Config(data=DataConfig(task="news", root=str(data_dir)), model=ModelConfig(max_seq_length=1024, dtype="float32"))
+        one = load_generator("baseline", cfg, num_threads=1, slots=1)
+        one.engine.context = record
+        one.generate([prompts[0]], 4)
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}, seen
+
+
 @pytest.mark.slow
 def test_rows_longer_than_the_window_still_decode(gen, prompts, alone):
     """A prompt past model.max_seq_length is warned about, not an index error: the cache grows to what a row needs."""

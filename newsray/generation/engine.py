@@ -141,9 +141,9 @@ class Engine:
         self.steps = 0  # decode steps run (for benchmarks and tests)
         import torch
 
-        # torch.set_num_threads sets OpenMP's thread count of the calling thread only: the engine's own thread
-        # would run every op with one OpenMP thread per core whatever the replica or actor was given (two
-        # replicas on two cores: four threads). It takes the count of the thread that built the engine.
+        # torch.set_num_threads sets OpenMP's thread count of the calling thread; a new thread starts at one per
+        # core until torch's first parallel op in it re-applies the count (lazily), so a GEMM before that runs
+        # on every core. The engine's thread sets the count of the thread that built it before its first step.
         self.threads = torch.get_num_threads()
 
     # ------------------------------------------------------------------ public API

@@ -4,7 +4,6 @@ engine slot free again). One in-process app on the embedded base model, real HTT
 
 from __future__ import annotations
 
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,15 +11,11 @@ import requests
 
 from newsray.config import load_config
 
+from localcluster import free_port
+
 pytestmark = pytest.mark.slow
 
 LONG = [{"role": "user", "content": "Count from 1 to 500, one number per line."}]  # far more than 256 tokens
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_load_beyond_the_queue_is_503_overloaded_and_slow_answers_are_504_then_freed(embedded_model):
@@ -30,7 +25,7 @@ def test_load_beyond_the_queue_is_503_overloaded_and_slow_answers_are_504_then_f
     # One replica with one engine slot, 2 requests in flight on it and 1 waiting for it: a 4th concurrent
     # request cannot be queued and is shed at once.
     cfg = load_config(None, [f"model.name={embedded_model.name}", "model.max_seq_length=512", "ray.num_cpus=2",
-                             "ray.object_store_memory_mb=256", f"serve.port={_free_port()}", "serve.max_batch_size=1",
+                             "ray.object_store_memory_mb=256", f"serve.port={free_port()}", "serve.max_batch_size=1",
                              "serve.max_ongoing_requests=2", "serve.max_queued_requests=1",
                              f"serve.request_timeout_s={timeout_s}", "serve.max_new_tokens=256"])
     url = run(cfg, "baseline", blocking=False)
